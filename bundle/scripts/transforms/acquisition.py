@@ -1,0 +1,193 @@
+"""The whole simulated acquisition in its physical order: thick slices, per-slice k-space motion, undersampling.
+
+:class:`SimulateAcquisition` is the deterministic preset used by the evaluation protocol (the
+same input and seed always give the same degraded volume); :class:`RandSimulateAcquisition`
+draws the severity for training (motion 0-6%, R in {1, 2, 4, 8}, scale 2-8 by default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Randomizable, Transform
+from monai.utils import TransformBackends
+
+from .motion import KSPACE_POSTFIX, ORDERINGS, KspaceMotion, check_severity
+from .thick_slice import PROFILES, ThickSliceAcquisition, check_scale
+from .undersampling import MASK_POSTFIX, PATTERNS, KspaceUndersampling, check_acceleration
+from .validation import check_axis, resolve_pe_axis
+
+
+@dataclass(frozen=True)
+class AcquisitionParameters:
+    """Everything that defines one simulated 2D multi-slice acquisition."""
+
+    scale: float = 5.0
+    motion: float = 0.0
+    acceleration: float = 1.0
+    slice_axis: int = 2
+    pe_axis: int | None = None
+    profile: str = "boxcar"
+    num_segments: int = 8
+    ordering: str = "sequential"
+    inter_slice: float = 0.0
+    pattern: str = "random"
+    center_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        check_scale(self.scale)
+        check_severity(self.motion)
+        check_severity(self.inter_slice, "inter_slice severity")
+        check_acceleration(self.acceleration)
+        resolve_pe_axis(check_axis(self.slice_axis), self.pe_axis)
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {PROFILES}, got {self.profile!r}.")
+        if self.ordering not in ORDERINGS:
+            raise ValueError(f"ordering must be one of {ORDERINGS}, got {self.ordering!r}.")
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {tuple(PATTERNS)}, got {self.pattern!r}.")
+
+
+def simulate_acquisition(
+    img, params: AcquisitionParameters, rng: np.random.RandomState
+) -> tuple[MetaTensor, torch.Tensor, torch.Tensor]:
+    """Degrade ``img``; return the zero-filled magnitude, the measured k-space and the mask."""
+    thick = ThickSliceAcquisition(params.scale, params.slice_axis, params.profile)(img)
+    motion = KspaceMotion(
+        params.motion, params.slice_axis, params.pe_axis, params.num_segments, params.ordering, params.inter_slice
+    )
+    moved = motion.set_random_state(state=rng)(thick)
+    undersampling = KspaceUndersampling(
+        params.acceleration, params.center_fraction, params.pattern, params.slice_axis, params.pe_axis
+    )
+    degraded = undersampling.set_random_state(state=rng)(moved, kspace=motion.kspace)
+    return degraded, undersampling.kspace, undersampling.mask
+
+
+class SimulateAcquisition(Transform):
+    """Deterministic acquisition preset: the same input always gives the same degraded volume.
+
+    Args: those of :class:`AcquisitionParameters` (``scale``, ``motion`` severity as a fraction of
+    the field of view, ``acceleration`` R, ``slice_axis``, ``pe_axis``, slice ``profile``,
+    ``num_segments``, segment ``ordering``, ``inter_slice`` misalignment severity, mask ``pattern``,
+    ``center_fraction``) and ``seed``, from which the motion and the mask are drawn afresh on every call.
+
+    After a call, ``self.kspace`` and ``self.mask`` hold the measured k-space and the mask, and
+    the output's ``meta["acquisition"]`` records every parameter.
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(self, seed: int = 0, **params) -> None:
+        self.params = AcquisitionParameters(**params)
+        self.seed = int(seed)
+        self.kspace: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+
+    def __call__(self, img) -> MetaTensor:
+        out, self.kspace, self.mask = simulate_acquisition(img, self.params, np.random.RandomState(self.seed))
+        return out
+
+
+class RandSimulateAcquisition(Randomizable, Transform):
+    """Acquisition with random severity for training.
+
+    Args:
+        scale_range: slice spacing multiple drawn uniformly from this range.
+        motion_range: motion severity (fraction of the FOV) drawn uniformly from this range.
+        accelerations: acceleration drawn uniformly from these values.
+        params: the fixed :class:`AcquisitionParameters` (slice axis, profile, segments, ...).
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(
+        self,
+        scale_range: Sequence[float] = (2.0, 8.0),
+        motion_range: Sequence[float] = (0.0, 0.06),
+        accelerations: Sequence[float] = (1, 2, 4, 8),
+        **params,
+    ) -> None:
+        self.scale_range = tuple(check_scale(s) for s in scale_range)
+        self.motion_range = tuple(check_severity(m, "motion_range") for m in motion_range)
+        self.accelerations = tuple(check_acceleration(a) for a in accelerations)
+        if len(self.scale_range) != 2 or len(self.motion_range) != 2 or not self.accelerations:
+            raise ValueError("scale_range and motion_range must be (low, high) pairs and accelerations non-empty.")
+        self.base = AcquisitionParameters(**params)
+        self.params = self.base
+        self.kspace: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+
+    def randomize(self, data=None) -> None:
+        self.params = replace(
+            self.base,
+            scale=float(self.R.uniform(*self.scale_range)),
+            motion=float(self.R.uniform(*self.motion_range)),
+            acceleration=float(self.accelerations[self.R.randint(len(self.accelerations))]),
+        )
+
+    def __call__(self, img, randomize: bool = True) -> MetaTensor:
+        if randomize:
+            self.randomize()
+        out, self.kspace, self.mask = simulate_acquisition(img, self.params, self.R)
+        return out
+
+
+class SimulateAcquisitiond(MapTransform):
+    """Dictionary version of :class:`SimulateAcquisition`; adds ``{key}_kspace`` and ``{key}_mask``."""
+
+    backend = SimulateAcquisition.backend
+
+    def __init__(self, keys: KeysCollection, seed: int = 0, allow_missing_keys: bool = False, **params) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = SimulateAcquisition(seed=seed, **params)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
+            d[f"{key}_{KSPACE_POSTFIX}"] = self.transform.kspace
+            d[f"{key}_{MASK_POSTFIX}"] = self.transform.mask
+        return d
+
+
+class RandSimulateAcquisitiond(Randomizable, MapTransform):
+    """Dictionary version of :class:`RandSimulateAcquisition`; all keys share one draw per call."""
+
+    backend = RandSimulateAcquisition.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        scale_range: Sequence[float] = (2.0, 8.0),
+        motion_range: Sequence[float] = (0.0, 0.06),
+        accelerations: Sequence[float] = (1, 2, 4, 8),
+        allow_missing_keys: bool = False,
+        **params,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.transform = RandSimulateAcquisition(scale_range, motion_range, accelerations, **params)
+
+    def set_random_state(self, seed=None, state=None) -> RandSimulateAcquisitiond:
+        super().set_random_state(seed, state)
+        self.transform.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data=None) -> None:
+        self.transform.randomize(data)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        self.randomize()
+        d = dict(data)
+        state = self.transform.R.get_state()
+        for key in self.key_iterator(d):
+            self.transform.R.set_state(state)  # every key sees the same motion and mask
+            d[key] = self.transform(d[key], randomize=False)
+            d[f"{key}_{KSPACE_POSTFIX}"] = self.transform.kspace
+            d[f"{key}_{MASK_POSTFIX}"] = self.transform.mask
+        return d
