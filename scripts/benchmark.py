@@ -6,11 +6,13 @@ A thin command line over ``bundle/scripts/protocol.py``; every number it prints 
     python scripts/benchmark.py --quick                 # one volume, all nine settings (< 10 min, 2 CPUs)
     python scripts/benchmark.py                          # the three real subjects, all settings
     python scripts/benchmark.py --methods linear --settings s5_m0_R1
+    python scripts/benchmark.py --plugins my_methods     # a module whose import registers more methods
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -28,7 +30,16 @@ DEFAULT_VOLUMES = (
 )
 
 
+def load_plugins(argv: list[str] | None) -> None:
+    """Import the ``--plugins`` modules first: importing them registers their methods with the harness."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugins", nargs="+", default=[])
+    for module in pre.parse_known_args(argv)[0].plugins:
+        importlib.import_module(module)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    load_plugins(argv)
     setting_names = [s.name for s in PROTOCOL_SETTINGS]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -46,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="only the first volume (all settings unless --settings)")
     p.add_argument("--seed", type=int, default=0, help="base seed; each (volume, setting) derives its own")
     p.add_argument("--no-figures", action="store_true", help="skip the per-setting PNG figures")
+    p.add_argument(
+        "--plugins", nargs="+", default=[], help="modules to import first; they register methods with the harness"
+    )
     args = p.parse_args(argv)
 
     if args.methods is not None:
