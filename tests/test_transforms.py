@@ -314,9 +314,12 @@ def test_array_and_dictionary_versions_agree():
     assert torch.equal(d["image_kspace"], preset.kspace) and d["label"] == 1
 
     rand = RandSimulateAcquisition().set_random_state(9)
-    rand_d = RandSimulateAcquisitiond(["image", "other"]).set_random_state(9)
+    rand_d = RandSimulateAcquisitiond(["image", "other"], keep_thick=True).set_random_state(9)
     d = rand_d({"image": img, "other": img.clone()})
     assert torch.equal(d["image"], rand(img)) and torch.equal(d["other"], d["image"])
+    # the clean thick slices share the drawn scale: the in-plane restoration target
+    assert torch.equal(d["image_thick"], ThickSliceAcquisition(rand.params.scale)(img))
+    assert d["image_thick"].shape == d["image"].shape
 
 
 def test_motion_then_undersampling_in_dictionaries_keeps_the_phase():

@@ -22,6 +22,8 @@ from .thick_slice import PROFILES, ThickSliceAcquisition, check_scale
 from .undersampling import MASK_POSTFIX, PATTERNS, KspaceUndersampling, check_acceleration
 from .validation import check_axis, resolve_pe_axis
 
+THICK_POSTFIX = "thick"
+
 
 @dataclass(frozen=True)
 class AcquisitionParameters:
@@ -55,8 +57,11 @@ class AcquisitionParameters:
 
 def simulate_acquisition(
     img, params: AcquisitionParameters, rng: np.random.RandomState
-) -> tuple[MetaTensor, torch.Tensor, torch.Tensor]:
-    """Degrade ``img``; return the zero-filled magnitude, the measured k-space and the mask."""
+) -> tuple[MetaTensor, torch.Tensor, torch.Tensor, MetaTensor]:
+    """Degrade ``img``; return the zero-filled magnitude, the measured k-space, the mask and the clean thick slices.
+
+    The clean thick slices (no motion, fully sampled) are the natural target of in-plane restoration.
+    """
     thick = ThickSliceAcquisition(params.scale, params.slice_axis, params.profile)(img)
     motion = KspaceMotion(
         params.motion, params.slice_axis, params.pe_axis, params.num_segments, params.ordering, params.inter_slice
@@ -66,7 +71,7 @@ def simulate_acquisition(
         params.acceleration, params.center_fraction, params.pattern, params.slice_axis, params.pe_axis
     )
     degraded = undersampling.set_random_state(state=rng)(moved, kspace=motion.kspace)
-    return degraded, undersampling.kspace, undersampling.mask
+    return degraded, undersampling.kspace, undersampling.mask, thick
 
 
 class SimulateAcquisition(Transform):
@@ -77,8 +82,8 @@ class SimulateAcquisition(Transform):
     ``num_segments``, segment ``ordering``, ``inter_slice`` misalignment severity, mask ``pattern``,
     ``center_fraction``) and ``seed``, from which the motion and the mask are drawn afresh on every call.
 
-    After a call, ``self.kspace`` and ``self.mask`` hold the measured k-space and the mask, and
-    the output's ``meta["acquisition"]`` records every parameter.
+    After a call, ``self.kspace``, ``self.mask`` and ``self.thick`` hold the measured k-space, the
+    mask and the clean thick-slice volume, and the output's ``meta["acquisition"]`` records every parameter.
     """
 
     backend = [TransformBackends.TORCH]
@@ -88,9 +93,11 @@ class SimulateAcquisition(Transform):
         self.seed = int(seed)
         self.kspace: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
+        self.thick: MetaTensor | None = None
 
     def __call__(self, img) -> MetaTensor:
-        out, self.kspace, self.mask = simulate_acquisition(img, self.params, np.random.RandomState(self.seed))
+        rng = np.random.RandomState(self.seed)
+        out, self.kspace, self.mask, self.thick = simulate_acquisition(img, self.params, rng)
         return out
 
 
@@ -122,6 +129,7 @@ class RandSimulateAcquisition(Randomizable, Transform):
         self.params = self.base
         self.kspace: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
+        self.thick: MetaTensor | None = None
 
     def randomize(self, data=None) -> None:
         self.params = replace(
@@ -134,30 +142,50 @@ class RandSimulateAcquisition(Randomizable, Transform):
     def __call__(self, img, randomize: bool = True) -> MetaTensor:
         if randomize:
             self.randomize()
-        out, self.kspace, self.mask = simulate_acquisition(img, self.params, self.R)
+        out, self.kspace, self.mask, self.thick = simulate_acquisition(img, self.params, self.R)
         return out
 
 
+def _store_acquisition(d: dict, key: Hashable, transform, keep_thick: bool) -> None:
+    d[f"{key}_{KSPACE_POSTFIX}"] = transform.kspace
+    d[f"{key}_{MASK_POSTFIX}"] = transform.mask
+    if keep_thick:
+        d[f"{key}_{THICK_POSTFIX}"] = transform.thick
+
+
 class SimulateAcquisitiond(MapTransform):
-    """Dictionary version of :class:`SimulateAcquisition`; adds ``{key}_kspace`` and ``{key}_mask``."""
+    """Dictionary version of :class:`SimulateAcquisition`; adds ``{key}_kspace`` and ``{key}_mask``.
+
+    With ``keep_thick``, also ``{key}_thick``: the clean thick slices (training target of stages 1-2).
+    """
 
     backend = SimulateAcquisition.backend
 
-    def __init__(self, keys: KeysCollection, seed: int = 0, allow_missing_keys: bool = False, **params) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        seed: int = 0,
+        keep_thick: bool = False,
+        allow_missing_keys: bool = False,
+        **params,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.transform = SimulateAcquisition(seed=seed, **params)
+        self.keep_thick = keep_thick
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.transform(d[key])
-            d[f"{key}_{KSPACE_POSTFIX}"] = self.transform.kspace
-            d[f"{key}_{MASK_POSTFIX}"] = self.transform.mask
+            _store_acquisition(d, key, self.transform, self.keep_thick)
         return d
 
 
 class RandSimulateAcquisitiond(Randomizable, MapTransform):
-    """Dictionary version of :class:`RandSimulateAcquisition`; all keys share one draw per call."""
+    """Dictionary version of :class:`RandSimulateAcquisition`; all keys share one draw per call.
+
+    Adds ``{key}_kspace``, ``{key}_mask`` and, with ``keep_thick``, ``{key}_thick`` (clean thick slices).
+    """
 
     backend = RandSimulateAcquisition.backend
 
@@ -167,11 +195,13 @@ class RandSimulateAcquisitiond(Randomizable, MapTransform):
         scale_range: Sequence[float] = (2.0, 8.0),
         motion_range: Sequence[float] = (0.0, 0.06),
         accelerations: Sequence[float] = (1, 2, 4, 8),
+        keep_thick: bool = False,
         allow_missing_keys: bool = False,
         **params,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.transform = RandSimulateAcquisition(scale_range, motion_range, accelerations, **params)
+        self.keep_thick = keep_thick
 
     def set_random_state(self, seed=None, state=None) -> RandSimulateAcquisitiond:
         super().set_random_state(seed, state)
@@ -188,6 +218,5 @@ class RandSimulateAcquisitiond(Randomizable, MapTransform):
         for key in self.key_iterator(d):
             self.transform.R.set_state(state)  # every key sees the same motion and mask
             d[key] = self.transform(d[key], randomize=False)
-            d[f"{key}_{KSPACE_POSTFIX}"] = self.transform.kspace
-            d[f"{key}_{MASK_POSTFIX}"] = self.transform.mask
+            _store_acquisition(d, key, self.transform, self.keep_thick)
         return d

@@ -1,0 +1,171 @@
+"""Stage 1: motion-aware conditional diffusion giving a coarse, artefact-reduced version of each slice."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import DiffusionInferer
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from torch import nn
+
+from .inputs import acquisition_code, check_slices
+from .padding import crop_to, pad_to_multiple
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, drawn on the generator's device so seeds match across devices."""
+    device = x.device if generator is None else generator.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+class MotionAwareDiffusion(nn.Module):
+    """Conditional 2D diffusion model restoring motion-corrupted, undersampled slices at half resolution.
+
+    The UNet sees the noisy estimate concatenated with the condition: the corrupted slice and, when
+    ``use_degradation_maps``, two constant maps holding the encoded acceleration and motion severity
+    (see :func:`scripts.networks.inputs.acquisition_code`). All work happens at half in-plane
+    resolution (2x2 average pooling) because the stage only has to give a coarse estimate that
+    stage 2 refines; intensities are mapped from [0, 1] to [-1, 1], the range the schedule assumes.
+
+    The network predicts the clean sample (``prediction_type="sample"``) rather than the noise: with
+    very few DDIM steps, each step's x0 estimate is directly the network's output instead of being
+    recovered by dividing by a small ``sqrt(alpha_bar)``, which amplifies epsilon errors, and the
+    last step returns that estimate itself.
+
+    Sampling is SDEdit-like: it noises the corrupted slice to ``timesteps[0]`` (about
+    ``start_fraction`` of the schedule) and runs ``num_inference_steps`` deterministic DDIM steps
+    (eta = 0) back to zero, so the only randomness is the initial noise, drawn from the given
+    generator. Training draws timesteps only from that range, the only one sampling visits.
+
+    Args:
+        channels: UNet channels per level; the in-plane size is padded to ``2 ** (len(channels) - 1)``.
+        attention_levels: self-attention per level; default none, since attention costs grow with
+            the square of the pixel count and 512x512 slices must stay cheap.
+        num_res_blocks: residual blocks per UNet level.
+        norm_num_groups: group-norm groups; must divide every entry of ``channels``.
+        num_head_channels: channels per attention head, where attention is used.
+        use_flash_attention: use PyTorch's fused attention, whose memory grows linearly with the pixel
+            count; MONAI's UNet always has an attention block at its lowest level.
+        use_degradation_maps: condition on (acceleration, motion) maps as well as the corrupted slice.
+        num_train_timesteps: length of the DDPM/DDIM noise schedule.
+        num_inference_steps: DDIM steps taken when sampling.
+        start_fraction: fraction of the schedule at which sampling starts (SDEdit strength).
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int] = (16, 32, 64),
+        attention_levels: Sequence[bool] | None = None,
+        num_res_blocks: int = 1,
+        norm_num_groups: int = 8,
+        num_head_channels: int = 16,
+        use_flash_attention: bool = True,
+        use_degradation_maps: bool = True,
+        num_train_timesteps: int = 1000,
+        num_inference_steps: int = 4,
+        start_fraction: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if not 1 <= num_inference_steps <= num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}], got {num_inference_steps}.")
+        if not 0.0 < start_fraction <= 1.0:
+            raise ValueError(f"start_fraction must be in (0, 1], got {start_fraction}.")
+        self.use_degradation_maps = use_degradation_maps
+        self.downsample_factor = 2 ** (len(channels) - 1)
+        self.unet = DiffusionModelUNet(
+            spatial_dims=2,
+            in_channels=4 if use_degradation_maps else 2,
+            out_channels=1,
+            num_res_blocks=num_res_blocks,
+            channels=tuple(channels),
+            attention_levels=tuple(attention_levels or [False] * len(channels)),
+            norm_num_groups=norm_num_groups,
+            num_head_channels=num_head_channels,
+            use_flash_attention=use_flash_attention,
+        )
+        self.train_scheduler = DDPMScheduler(num_train_timesteps, prediction_type="sample", clip_sample=False)
+        self.inferer = DiffusionInferer(self.train_scheduler)
+        # MONAI's DDIM step always moves back by num_train_timesteps // num_inference_steps; running the
+        # last `num_inference_steps` steps of a chain of `full_steps` gives the truncated SDEdit chain.
+        self.sample_scheduler = DDIMScheduler(num_train_timesteps, prediction_type="sample", clip_sample=False)
+        full_steps = min(num_train_timesteps, max(num_inference_steps, round(num_inference_steps / start_fraction)))
+        self.sample_scheduler.set_timesteps(full_steps)
+        stride = num_train_timesteps // full_steps
+        self.timesteps = tuple(stride * k - 1 for k in range(num_inference_steps, 0, -1))
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """UNet prediction of the clean half-resolution sample, all tensors in model space (see :meth:`prepare`)."""
+        return self.unet(torch.cat((noisy, condition), dim=1), timesteps)
+
+    def prepare(self, slices: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Map full-resolution slices ``(N, 1, H, W)`` to model space; also return the unpadded half size.
+
+        Model space is half resolution, padded to the UNet's down-sampling factor, in [-1, 1].
+        """
+        half = F.avg_pool2d(pad_to_multiple(slices, 2), 2)
+        return pad_to_multiple(half, self.downsample_factor) * 2 - 1, (half.shape[-2], half.shape[-1])
+
+    def condition(
+        self, corrupted: torch.Tensor, acceleration: float | torch.Tensor, motion: float | torch.Tensor
+    ) -> torch.Tensor:
+        """Condition channels for model-space ``corrupted`` slices: the slice and, optionally, degradation maps."""
+        if not self.use_degradation_maps:
+            return corrupted
+        code = acquisition_code(acceleration, motion, corrupted.shape[0], corrupted.device).to(corrupted.dtype)
+        maps = code[:, :, None, None].expand(-1, -1, *corrupted.shape[-2:])
+        return torch.cat((corrupted, maps), dim=1)
+
+    def training_loss(
+        self,
+        clean: torch.Tensor,
+        corrupted: torch.Tensor,
+        acceleration: float | torch.Tensor,
+        motion: float | torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Mean squared error of the x0 prediction for randomly noised ``clean`` slices ``(N, 1, H, W)``."""
+        check_slices(clean, "clean")
+        check_slices(corrupted, "corrupted")
+        if clean.shape != corrupted.shape:
+            raise ValueError(
+                f"clean and corrupted must have the same shape, got {tuple(clean.shape)} and {tuple(corrupted.shape)}."
+            )
+        target, half = self.prepare(clean)
+        condition = self.condition(self.prepare(corrupted)[0], acceleration, motion)
+        device = clean.device if generator is None else generator.device
+        timesteps = torch.randint(0, self.timesteps[0] + 1, (clean.shape[0],), generator=generator, device=device).to(
+            clean.device
+        )
+        prediction = self.inferer(
+            inputs=target,
+            diffusion_model=self.unet,
+            noise=_noise_like(target, generator),
+            timesteps=timesteps,
+            condition=condition,
+            mode="concat",
+        )
+        return F.mse_loss(crop_to(prediction, half), crop_to(target, half))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        corrupted: torch.Tensor,
+        acceleration: float | torch.Tensor = 1.0,
+        motion: float | torch.Tensor = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Coarse reconstruction of ``corrupted`` slices ``(N, 1, H, W)`` (intensities ~[0, 1]) at full resolution."""
+        check_slices(corrupted, "corrupted")
+        start, half = self.prepare(corrupted)
+        condition = self.condition(start, acceleration, motion)
+        timesteps = torch.full((corrupted.shape[0],), self.timesteps[0], dtype=torch.long, device=corrupted.device)
+        image = self.sample_scheduler.add_noise(start, _noise_like(start, generator), timesteps)
+        for t in self.timesteps:
+            prediction = self(image, torch.full_like(timesteps, t), condition)
+            image, _ = self.sample_scheduler.step(prediction, t, image)
+        coarse = (crop_to(image, half) + 1) / 2
+        full = F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)
+        return crop_to(full, (corrupted.shape[-2], corrupted.shape[-1]))
