@@ -123,3 +123,12 @@ def test_logging_conf_is_accepted_by_monai() -> None:
     if check is None:
         pytest.skip("this MONAI version has no logging config check")
     check(str(logging_file))  # raises ValueError when MONAI would refuse to apply the file
+
+
+def test_verify_net_in_out_cli() -> None:
+    """The Model Zoo's network check: network_def maps the metadata's input shape to its output shape."""
+    cmd = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "--net_id", "network_def"]
+    cmd += ["--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
+    proc = subprocess.run(cmd, cwd=BUNDLE_DIR, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
