@@ -147,8 +147,10 @@ def test_save_is_atomic_and_never_overwrites(tmp_path):
         SaveReconstructiond("pred", tmp_path)({"pred": pred * 2})
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan_01_recon.nii.gz"]
-    with pytest.raises(FileExistsError, match="--overwrite true"):
-        check_outputs([{"image": "/data/scan_01.nii.gz"}], tmp_path, overwrite=False)
+    for overwrite in (False, "false", "False"):
+        with pytest.raises(FileExistsError, match="--overwrite true"):
+            check_outputs([{"image": "/data/scan_01.nii.gz"}], tmp_path, overwrite=overwrite)
+    check_outputs([{"image": "/data/scan_01.nii.gz"}], tmp_path, overwrite="true")
     assert output_path("/dicom/series_7", tmp_path) == tmp_path / "series_7_recon.nii.gz"
 
 
@@ -187,9 +189,10 @@ def test_cli_does_not_overwrite_unless_asked(sample_run):
     _, output_dir = sample_run
     target = output_dir / "icbm152_t1_thick5_motion3_r4_recon.nii.gz"
     before = target.read_bytes()
-    refused = run_bundle("--output_dir", output_dir)
-    assert refused.returncode != 0 and "already exists" in refused.stderr
-    assert target.read_bytes() == before
+    for flags in ([], ["--overwrite", "false"]):  # the CLI passes "false" as a string
+        refused = run_bundle("--output_dir", output_dir, *flags)
+        assert refused.returncode != 0 and "already exists" in refused.stderr
+        assert target.read_bytes() == before
     allowed = run_bundle("--output_dir", output_dir, "--overwrite", "true", "--target_spacing", "2.0")
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert nib.load(str(target)).shape == (80, 96, 80)

@@ -26,6 +26,7 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform, Spacing
 from monai.utils import ImageMetaKey
 
+from .flags import as_bool
 from .networks.volume import output_size
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def check_outputs(datalist: list[dict[str, str]], output_dir: str | os.PathLike,
     """Fail before any work if an output would silently replace an existing file."""
     existing = [str(output_path(item["image"], output_dir)) for item in datalist]
     existing = [p for p in existing if os.path.exists(p)]
-    if existing and not overwrite:
+    if existing and not as_bool(overwrite, "overwrite"):
         raise FileExistsError(f"output {existing[0]} already exists; pass '--overwrite true' to replace it.")
 
 
@@ -210,7 +211,7 @@ class SaveReconstructiond(MapTransform):
     def __init__(self, keys, output_dir: str | os.PathLike, overwrite: bool = False) -> None:
         super().__init__(keys)
         self.output_dir = Path(output_dir)
-        self.overwrite = bool(overwrite)
+        self.overwrite = as_bool(overwrite, "overwrite")
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
