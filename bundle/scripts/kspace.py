@@ -13,33 +13,31 @@ Convention used everywhere in this bundle:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 
-def fft2c(image: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
-    """Centred orthonormal 2D DFT of ``image`` over ``dims`` (real or complex input)."""
-    dims = tuple(dims)
+def fft2c(image: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """Centred orthonormal 2D DFT of ``image`` over ``dims`` (a list or tuple; real or complex input)."""
+    dims = list(dims)
     shifted = torch.fft.ifftshift(image, dim=dims)
     return torch.fft.fftshift(torch.fft.fftn(shifted, dim=dims, norm="ortho"), dim=dims)
 
 
-def ifft2c(kspace: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+def ifft2c(kspace: torch.Tensor, dims: list[int]) -> torch.Tensor:
     """Inverse of :func:`fft2c`; returns a complex image."""
-    dims = tuple(dims)
+    dims = list(dims)
     shifted = torch.fft.ifftshift(kspace, dim=dims)
     return torch.fft.fftshift(torch.fft.ifftn(shifted, dim=dims, norm="ortho"), dim=dims)
 
 
 def data_consistency(
-    image: torch.Tensor, measured_kspace: torch.Tensor, mask: torch.Tensor, dims: Sequence[int]
+    image: torch.Tensor, measured_kspace: torch.Tensor, mask: torch.Tensor, dims: list[int]
 ) -> torch.Tensor:
     """Replace the acquired k-space lines of ``image`` by the measured ones; return the magnitude.
 
     ``image`` is a real (magnitude) estimate, ``measured_kspace`` the complex k-space that was
     acquired (zero where not sampled) and ``mask`` the boolean sampling mask, all following the
-    module convention. Lines outside the mask keep the estimate's own k-space.
+    module convention. Lines outside the mask keep the estimate's own k-space. TorchScript-compatible.
     """
     estimate = fft2c(image.to(measured_kspace.dtype), dims)
     projected = torch.where(mask, measured_kspace, estimate)

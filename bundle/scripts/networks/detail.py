@@ -10,7 +10,7 @@ from torch import nn
 
 from ..kspace import data_consistency
 from .implicit import OffsetDecoder, channels_last_table, decode_in_chunks, linear_neighbours
-from .inputs import acquisition_code, check_kspace, check_slices
+from .inputs import acquisition_code, check_kspace, check_slices, shape_str
 from .padding import crop_to, pad_to_multiple
 
 
@@ -70,7 +70,7 @@ class ImplicitDetailRestoration(nn.Module):
         """Data-consistent projection of ``coarse`` slices; the coarse slices themselves without k-space."""
         if kspace is None or mask is None:
             return coarse
-        return data_consistency(coarse, kspace, mask, dims=(2, 3))
+        return data_consistency(coarse, kspace, mask, dims=[2, 3])
 
     def encode(
         self,
@@ -88,7 +88,7 @@ class ImplicitDetailRestoration(nn.Module):
         check_slices(corrupted, "corrupted")
         if coarse.shape != corrupted.shape:
             raise ValueError(
-                f"coarse must have the corrupted slices' shape {tuple(corrupted.shape)}, got {tuple(coarse.shape)}."
+                f"coarse must have the corrupted slices' shape {shape_str(corrupted)}, got {shape_str(coarse)}."
             )
         check_kspace(corrupted, kspace, mask)
         inputs = torch.cat((corrupted, coarse, self.consistency_channel(coarse, kspace, mask)), dim=1)
@@ -141,8 +141,8 @@ class ImplicitDetailRestoration(nn.Module):
         """
         features = self.encode(corrupted, coarse, acceleration, motion, kspace, mask)
         table = features.movedim(1, -1).reshape(-1, features.shape[1])
-        no_offset = table.new_zeros(1, 2)
-        out = table.new_empty(table.shape[0])
+        no_offset = table.new_zeros([1, 2])
+        out = table.new_empty([table.shape[0]])
         for start in range(0, table.shape[0], self.chunk_size):
             rows = table[start : start + self.chunk_size]
             out[start : start + self.chunk_size] = rows[:, 0] + self.decoder(rows[:, 1:], no_offset)

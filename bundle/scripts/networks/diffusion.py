@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -13,11 +15,21 @@ from torch import nn
 
 from .inputs import acquisition_code, check_slices
 from .padding import crop_to, pad_to_multiple
+from .scriptable import scriptable_diffusion_unet
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like ``x``, drawn on the generator's device so seeds match across devices."""
-    device = x.device if generator is None else generator.device
+    """Standard normal noise shaped like ``x``, drawn on the generator's device so seeds match across devices.
+
+    TorchScript cannot read a generator's device: scripted code draws from CPU generators only
+    (the pipeline's own generator is one).
+    """
+    if generator is None:
+        device = x.device
+    elif torch.jit.is_scripting():
+        device = torch.device("cpu")
+    else:
+        device = generator.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
@@ -39,6 +51,12 @@ class MotionAwareDiffusion(nn.Module):
     ``start_fraction`` of the schedule) and runs ``num_inference_steps`` deterministic DDIM steps
     (eta = 0) back to zero, so the only randomness is the initial noise, drawn from the given
     generator. Training draws timesteps only from that range, the only one sampling visits.
+
+    The sampling loop is written for TorchScript: a fixed number of steps whose DDIM coefficients
+    are precomputed (in float32, exactly as MONAI's ``DDIMScheduler.step`` and ``add_noise`` compute
+    them) into the non-persistent buffer ``ddim_coefficients``, so :meth:`sample` needs no scheduler
+    object. ``torch.jit.script`` first calls :meth:`__prepare_scriptable__`, which swaps MONAI's UNet
+    for a scriptable copy (see :mod:`scripts.networks.scriptable`).
 
     Args:
         channels: UNet channels per level; the in-plane size is padded to ``2 ** (len(channels) - 1)``.
@@ -95,6 +113,39 @@ class MotionAwareDiffusion(nn.Module):
         self.sample_scheduler.set_timesteps(full_steps)
         stride = num_train_timesteps // full_steps
         self.timesteps = tuple(stride * k - 1 for k in range(num_inference_steps, 0, -1))
+        self.register_buffer("ddim_coefficients", self._ddim_coefficients(stride), persistent=False)
+
+    def _ddim_coefficients(self, stride: int) -> torch.Tensor:
+        """``(steps, 4)`` float32: ``sqrt(a_t), sqrt(1 - a_t), sqrt(a_prev), sqrt(1 - a_prev)`` per sampling step.
+
+        ``a`` is the cumulative alpha product, ``prev = t - stride`` (the final alpha, 1, below 0):
+        the same float32 tensor arithmetic as MONAI's ``DDIMScheduler.step`` with ``eta = 0`` and
+        ``Scheduler.add_noise``.
+        """
+        alphas = self.sample_scheduler.alphas_cumprod.to(torch.float32)
+        final = self.sample_scheduler.final_alpha_cumprod.to(torch.float32)
+        rows = []
+        for t in self.timesteps:
+            alpha_t = alphas[t]
+            alpha_prev = alphas[t - stride] if t - stride >= 0 else final
+            rows.append(torch.stack((alpha_t**0.5, (1 - alpha_t) ** 0.5, alpha_prev**0.5, (1 - alpha_prev) ** 0.5)))
+        return torch.stack(rows)
+
+    def __prepare_scriptable__(self) -> MotionAwareDiffusion:
+        """What ``torch.jit.script`` compiles: a shallow copy with a scriptable copy of the UNet.
+
+        The copy drops the training scheduler, the sampling scheduler and the inferer (only
+        :meth:`training_loss` and construction use them); ``self`` is not modified.
+        """
+        twin = copy.copy(self)
+        twin._modules = OrderedDict(
+            (name, module)
+            for name, module in self._modules.items()
+            if name not in ("train_scheduler", "sample_scheduler", "unet")
+        )
+        twin.__dict__.pop("inferer", None)
+        twin._modules["unet"] = scriptable_diffusion_unet(self.unet)
+        return twin
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """UNet prediction of the clean half-resolution sample, all tensors in model space (see :meth:`prepare`)."""
@@ -115,7 +166,7 @@ class MotionAwareDiffusion(nn.Module):
         if not self.use_degradation_maps:
             return corrupted
         code = acquisition_code(acceleration, motion, corrupted.shape[0], corrupted.device).to(corrupted.dtype)
-        maps = code[:, :, None, None].expand(-1, -1, *corrupted.shape[-2:])
+        maps = code[:, :, None, None].expand(-1, -1, corrupted.shape[-2], corrupted.shape[-1])
         return torch.cat((corrupted, maps), dim=1)
 
     def training_loss(
@@ -149,7 +200,6 @@ class MotionAwareDiffusion(nn.Module):
         )
         return F.mse_loss(crop_to(prediction, half), crop_to(target, half))
 
-    @torch.no_grad()
     def sample(
         self,
         corrupted: torch.Tensor,
@@ -157,15 +207,24 @@ class MotionAwareDiffusion(nn.Module):
         motion: float | torch.Tensor = 0.0,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Coarse reconstruction of ``corrupted`` slices ``(N, 1, H, W)`` (intensities ~[0, 1]) at full resolution."""
-        check_slices(corrupted, "corrupted")
-        start, half = self.prepare(corrupted)
-        condition = self.condition(start, acceleration, motion)
-        timesteps = torch.full((corrupted.shape[0],), self.timesteps[0], dtype=torch.long, device=corrupted.device)
-        image = self.sample_scheduler.add_noise(start, _noise_like(start, generator), timesteps)
-        for t in self.timesteps:
-            prediction = self(image, torch.full_like(timesteps, t), condition)
-            image, _ = self.sample_scheduler.step(prediction, t, image)
-        coarse = (crop_to(image, half) + 1) / 2
-        full = F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)
-        return crop_to(full, (corrupted.shape[-2], corrupted.shape[-1]))
+        """Coarse reconstruction of ``corrupted`` slices ``(N, 1, H, W)`` (intensities ~[0, 1]) at full resolution.
+
+        Runs without gradients. Deterministic DDIM (eta = 0) from the noised corrupted slice; the
+        initial noise comes from ``generator``.
+        """
+        with torch.no_grad():
+            check_slices(corrupted, "corrupted")
+            start, half = self.prepare(corrupted)
+            condition = self.condition(start, acceleration, motion)
+            timesteps = torch.full([corrupted.shape[0]], self.timesteps[0], dtype=torch.long, device=corrupted.device)
+            coefficients = self.ddim_coefficients.to(start.dtype)
+            image = coefficients[0, 0] * start + coefficients[0, 1] * _noise_like(start, generator)
+            step = 0
+            for t in self.timesteps:
+                clean = self(image, torch.full_like(timesteps, t), condition)
+                noise = (image - coefficients[step, 0] * clean) / coefficients[step, 1]
+                image = coefficients[step, 2] * clean + coefficients[step, 3] * noise
+                step += 1
+            coarse = (crop_to(image, half) + 1) / 2
+            full = F.interpolate(coarse, scale_factor=2.0, mode="bilinear", align_corners=False)
+            return crop_to(full, (corrupted.shape[-2], corrupted.shape[-1]))

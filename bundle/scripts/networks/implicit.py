@@ -19,7 +19,7 @@ def fourier_features(x: torch.Tensor, num_frequencies: int) -> torch.Tensor:
 
     Lets a small MLP represent sharp variations of the sub-voxel offsets it is given.
     """
-    freqs = math.pi * 2.0 ** torch.arange(num_frequencies, device=x.device, dtype=x.dtype)
+    freqs = math.pi * torch.pow(2.0, torch.arange(num_frequencies, device=x.device, dtype=x.dtype))
     angles = (x[..., None] * freqs).flatten(-2)
     return torch.cat((torch.sin(angles), torch.cos(angles)), dim=-1)
 
@@ -45,7 +45,8 @@ def channels_last_table(base: torch.Tensor, features: torch.Tensor) -> torch.Ten
     Channel 0 (the image a residual is added to) travels with the features, and channels-last
     storage makes each voxel's channels one row of a ``(voxels, 1 + C)`` table for lookups.
     """
-    table = features.new_empty(features.shape[0], *features.shape[2:], 1 + features.shape[1])
+    shape = [features.shape[0]] + list(features.shape[2:]) + [1 + features.shape[1]]
+    table = features.new_empty(shape)
     table[..., 0] = base[:, 0]
     table[..., 1:] = features.movedim(1, -1)
     return table.movedim(-1, 1)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -34,7 +36,7 @@ def _to_slices(x: torch.Tensor) -> torch.Tensor:
 
 def _to_volume(x: torch.Tensor, batch: int) -> torch.Tensor:
     """Inverse of :func:`_to_slices`."""
-    return x.unflatten(0, (batch, -1)).movedim(1, -1)
+    return x.unflatten(0, [batch, -1]).movedim(1, -1)
 
 
 class PRINRPipeline(nn.Module):
@@ -52,6 +54,11 @@ class PRINRPipeline(nn.Module):
         slice_batch: slices processed together by stages 1 and 2.
         use_diffusion: run stage 1; when False the corrupted slice is stage 2's coarse input
             (the "stage 2 + 3 without stage 1" ablation).
+
+    TorchScript: ``torch.jit.script(pipeline)`` (what ``python -m monai.bundle ckpt_export`` does)
+    compiles :meth:`forward` with its full signature and behaviour (any size, batch and scale,
+    optional k-space, seeded stage-1 noise); acquisition parameters must then be Python floats or
+    tensors, not ints. See :meth:`__prepare_scriptable__`.
     """
 
     def __init__(
@@ -71,6 +78,17 @@ class PRINRPipeline(nn.Module):
         self.slice_batch = slice_batch
         self.use_diffusion = use_diffusion
 
+    def __prepare_scriptable__(self) -> PRINRPipeline:
+        """What ``torch.jit.script`` compiles: a shallow copy whose stages TorchScript then prepares in turn.
+
+        ``torch.jit.script`` replaces submodules by what their own ``__prepare_scriptable__`` returns
+        (here the diffusion stage's scriptable copy) in the module's ``_modules``; giving it a copy
+        with its own ``_modules`` keeps this pipeline unchanged.
+        """
+        twin = copy.copy(self)
+        twin._modules = OrderedDict(self._modules)
+        return twin
+
     @staticmethod
     def reference_intensity(image: torch.Tensor) -> torch.Tensor:
         """Each volume's 99.5th percentile (nearest rank) as ``(B, 1, 1, 1, 1)``; 1 where it is not positive.
@@ -79,7 +97,7 @@ class PRINRPipeline(nn.Module):
         """
         flat = image.flatten(1)
         rank = max(1, math.ceil(0.995 * flat.shape[1]))
-        reference = flat.kthvalue(rank, dim=1).values
+        reference = flat.kthvalue(rank, dim=1)[0]
         reference = torch.where(reference > 0, reference, torch.ones_like(reference))
         return reference.view(-1, 1, 1, 1, 1)
 
@@ -108,45 +126,54 @@ class PRINRPipeline(nn.Module):
         batch, num_slices = image.shape[0], image.shape[-1]
         reference = self.reference_intensity(image)
         slices = _to_slices((image / reference).clamp_min(0))
-        acceleration = per_sample(acceleration, batch, "acceleration", image.device).repeat_interleave(num_slices)
-        motion = per_sample(motion, batch, "motion", image.device).repeat_interleave(num_slices)
+        accelerations = per_sample(acceleration, batch, "acceleration", image.device).repeat_interleave(num_slices)
+        motions = per_sample(motion, batch, "motion", image.device).repeat_interleave(num_slices)
         if kspace is not None and mask is not None:
             kspace = _to_slices(kspace / reference)
             mask = _to_slices(mask.expand(image.shape))
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator()
+        generator.manual_seed(seed)
 
-        coarse, refined = [], []
-        started = time.perf_counter()
+        coarse: list[torch.Tensor] = []
+        refined: list[torch.Tensor] = []
+        started = 0.0
+        if not torch.jit.is_scripting():
+            started = time.perf_counter()
         for start in range(0, slices.shape[0], self.slice_batch):
-            part = slice(start, start + self.slice_batch)
-            corrupted = slices[part]
+            stop = start + self.slice_batch
+            corrupted = slices[start:stop]
+            part_acceleration, part_motion = accelerations[start:stop], motions[start:stop]
             if self.use_diffusion:
-                coarse.append(
-                    self.diffusion.sample(corrupted, acceleration[part], motion[part], generator).clamp_min(0)
-                )
+                coarse.append(self.diffusion.sample(corrupted, part_acceleration, part_motion, generator).clamp_min(0))
             else:
                 coarse.append(corrupted)
-            measured = None if kspace is None else kspace[part]
-            sampled = None if mask is None else mask[part]
+            measured: torch.Tensor | None = None
+            sampled: torch.Tensor | None = None
+            if kspace is not None and mask is not None:
+                measured = kspace[start:stop]
+                sampled = mask[start:stop]
             refined.append(
-                self.detail(corrupted, coarse[-1], acceleration[part], motion[part], measured, sampled).clamp_min(0)
+                self.detail(corrupted, coarse[-1], part_acceleration, part_motion, measured, sampled).clamp_min(0)
             )
-            logger.info(
-                "stages 1-2 (diffusion%s, detail restoration): %d/%d slices, %.1f s",
-                "" if self.use_diffusion else " skipped",
-                min(start + self.slice_batch, slices.shape[0]),
-                slices.shape[0],
-                time.perf_counter() - started,
-            )
+            if not torch.jit.is_scripting():
+                logger.info(
+                    "stages 1-2 (diffusion%s, detail restoration): %d/%d slices, %.1f s",
+                    "" if self.use_diffusion else " skipped",
+                    min(stop, slices.shape[0]),
+                    slices.shape[0],
+                    time.perf_counter() - started,
+                )
         stage1 = _to_volume(torch.cat(coarse), batch)
         stage2 = _to_volume(torch.cat(refined), batch)
-        started = time.perf_counter()
+        if not torch.jit.is_scripting():
+            started = time.perf_counter()
         stage3 = self.volume(stage2, scale).clamp_min(0)
-        logger.info(
-            "stage 3 (voxel INR): %s voxels, %.1f s",
-            "x".join(map(str, stage3.shape[2:])),
-            time.perf_counter() - started,
-        )
+        if not torch.jit.is_scripting():
+            logger.info(
+                "stage 3 (voxel INR): %s voxels, %.1f s",
+                "x".join(map(str, stage3.shape[2:])),
+                time.perf_counter() - started,
+            )
         return {"stage1": stage1 * reference, "stage2": stage2 * reference, "stage3": stage3 * reference}
 
     def forward(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
@@ -11,8 +13,16 @@ from .inputs import check_scale, check_volume
 
 
 def output_size(num_slices: int, scale: float) -> int:
-    """Number of output voxels along the slice axis: Python's ``round(num_slices * scale)``."""
-    return round(num_slices * check_scale(scale))
+    """Number of output voxels along the slice axis: Python's ``round(num_slices * scale)``.
+
+    Written out (round half to even) because TorchScript's ``round`` returns a float.
+    """
+    value = num_slices * check_scale(scale)
+    low = math.floor(value)
+    fraction = value - low  # exact for floats below 2**52
+    if fraction > 0.5 or (fraction == 0.5 and low % 2 == 1):
+        low += 1
+    return int(low)
 
 
 def output_positions(num_slices: int, scale: float, device: torch.device | None = None) -> torch.Tensor:
@@ -116,14 +126,14 @@ class VoxelContinuousINR(nn.Module):
             output_positions(num_slices, scale, features.device).to(features.dtype), num_slices
         )
         voxels = features.movedim(1, -1)  # (B, H, W, S, 1 + C), a view of the channels-last storage
-        out = features.new_empty(batch, height, width, low.numel())
+        out = features.new_empty([batch, height, width, low.numel()])
         planes = max(1, self.chunk_size // (batch * height * width))
         for start in range(0, low.numel(), planes):
-            part = slice(start, start + planes)
-            values = voxels[:, :, :, torch.stack((low[part], high[part]))]  # (B, H, W, 2, n, 1 + C)
-            offsets = torch.stack((fraction[part], fraction[part] - 1)).view(2, -1, 1)
-            weights = torch.stack((1 - fraction[part], fraction[part]))
-            out[..., part] = self._blend(values, offsets, weights, dim=3)
+            stop = start + planes
+            values = voxels[:, :, :, torch.stack((low[start:stop], high[start:stop]))]  # (B, H, W, 2, n, 1 + C)
+            offsets = torch.stack((fraction[start:stop], fraction[start:stop] - 1)).view(2, -1, 1)
+            weights = torch.stack((1 - fraction[start:stop], fraction[start:stop]))
+            out[..., start:stop] = self._blend(values, offsets, weights, dim=3)
         return out[:, None]
 
     def _blend(self, values: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, dim: int) -> torch.Tensor:
