@@ -17,6 +17,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, Transform
 from monai.utils import TransformBackends
 
+from .base import DelegatingRandomizabled
 from .motion import KSPACE_POSTFIX, ORDERINGS, KspaceMotion, check_severity
 from .thick_slice import PROFILES, ThickSliceAcquisition, check_scale
 from .undersampling import MASK_POSTFIX, PATTERNS, KspaceUndersampling, check_acceleration
@@ -181,7 +182,7 @@ class SimulateAcquisitiond(MapTransform):
         return d
 
 
-class RandSimulateAcquisitiond(Randomizable, MapTransform):
+class RandSimulateAcquisitiond(DelegatingRandomizabled):
     """Dictionary version of :class:`RandSimulateAcquisition`; all keys share one draw per call.
 
     Adds ``{key}_kspace``, ``{key}_mask`` and, with ``keep_thick``, ``{key}_thick`` (clean thick slices).
@@ -202,14 +203,6 @@ class RandSimulateAcquisitiond(Randomizable, MapTransform):
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.transform = RandSimulateAcquisition(scale_range, motion_range, accelerations, **params)
         self.keep_thick = keep_thick
-
-    def set_random_state(self, seed=None, state=None) -> RandSimulateAcquisitiond:
-        super().set_random_state(seed, state)
-        self.transform.set_random_state(seed, state)
-        return self
-
-    def randomize(self, data=None) -> None:
-        self.transform.randomize(data)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         self.randomize()

@@ -30,6 +30,7 @@ from monai.transforms import MapTransform, Randomizable, Transform
 from monai.utils import TransformBackends
 
 from ..kspace import fft2c, ifft2c
+from .base import DelegatingRandomizabled
 from .validation import as_volume, check_axis, in_plane_axes, resolve_pe_axis, voxel_spacing, with_acquisition_meta
 
 ORDERINGS = ("sequential", "interleaved")
@@ -206,7 +207,7 @@ class KspaceMotion(Randomizable, Transform):
         }
 
 
-class KspaceMotiond(Randomizable, MapTransform):
+class KspaceMotiond(DelegatingRandomizabled):
     """Dictionary version of :class:`KspaceMotion`; the composite k-space goes to ``{key}_kspace``.
 
     All keys see the same motion (one draw per call).
@@ -227,14 +228,6 @@ class KspaceMotiond(Randomizable, MapTransform):
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.transform = KspaceMotion(severity, slice_axis, pe_axis, num_segments, ordering, inter_slice)
-
-    def set_random_state(self, seed=None, state=None) -> KspaceMotiond:
-        super().set_random_state(seed, state)
-        self.transform.set_random_state(seed, state)
-        return self
-
-    def randomize(self, data=None) -> None:
-        self.transform.randomize(data)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)

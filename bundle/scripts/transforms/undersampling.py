@@ -22,6 +22,7 @@ from monai.transforms import MapTransform, Randomizable, Transform
 from monai.utils import TransformBackends
 
 from ..kspace import fft2c, ifft2c
+from .base import DelegatingRandomizabled
 from .motion import KSPACE_POSTFIX
 from .validation import as_volume, check_axis, in_plane_axes, resolve_pe_axis, with_acquisition_meta
 
@@ -125,7 +126,7 @@ class KspaceUndersampling(Randomizable, Transform):
         )
 
 
-class KspaceUndersamplingd(Randomizable, MapTransform):
+class KspaceUndersamplingd(DelegatingRandomizabled):
     """Dictionary version of :class:`KspaceUndersampling`.
 
     Samples ``{key}_kspace`` when present (as written by :class:`KspaceMotiond`), else the image's
@@ -147,14 +148,6 @@ class KspaceUndersamplingd(Randomizable, MapTransform):
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.transform = KspaceUndersampling(acceleration, center_fraction, pattern, slice_axis, pe_axis)
-
-    def set_random_state(self, seed=None, state=None) -> KspaceUndersamplingd:
-        super().set_random_state(seed, state)
-        self.transform.set_random_state(seed, state)
-        return self
-
-    def randomize(self, data=None) -> None:
-        self.transform.randomize(data)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
