@@ -1,0 +1,146 @@
+"""The on-disk pools of stage-1 and stage-2 outputs that stages 2 and 3 train on.
+
+Running the earlier stages on every iteration would dominate training on a CPU, so each stage
+trains on a fixed pool of degraded samples whose earlier-stage outputs are computed once and cached
+by MONAI's ``PersistentDataset``. A cached item is named by a hash of its datalist entry, and
+:func:`pool_datalist` puts into every entry the volume, its degradation seed and
+:func:`cache_key` (the frozen stages' weights and the sampling settings): retraining an earlier
+stage or changing a setting gives new entries instead of stale ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import zlib
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from monai.data import Dataset
+from monai.transforms import MapTransform
+from monai.utils import convert_to_tensor
+from torch import nn
+
+from ..networks import ImplicitDetailRestoration, MotionAwareDiffusion
+
+logger = logging.getLogger(__name__)
+
+
+def cache_key(networks: Sequence[nn.Module], settings: Mapping) -> str:
+    """Hex digest of the networks' weights and the JSON of ``settings``: what a cached pool item depends on."""
+    digest = hashlib.sha256()
+    for network in networks:
+        for name, tensor in sorted(network.state_dict().items()):
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().numpy().tobytes())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def pool_datalist(datalist: Sequence[Mapping], samples_per_volume: int, key: str) -> list[dict]:
+    """``samples_per_volume`` entries per volume, each with its own degradation ``seed`` and the ``cache_key``."""
+    if samples_per_volume < 1:
+        raise ValueError(f"samples_per_volume must be >= 1, got {samples_per_volume}.")
+    return [
+        {**item, "seed": zlib.crc32(f"{Path(item['image']).name}|{i}".encode()), "cache_key": key}
+        for item in datalist
+        for i in range(samples_per_volume)
+    ]
+
+
+def fill_cache(dataset: Dataset) -> None:
+    """Compute every pool item before training, in this process and under DDP once, on rank 0.
+
+    The frozen stages may live on a GPU, which forked DataLoader workers cannot use, and two ranks
+    must not write the same cache file.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        started = time.perf_counter()
+        for index in range(len(dataset)):
+            dataset[index]
+            logger.info("pool item %d/%d ready, %.1f s", index + 1, len(dataset), time.perf_counter() - started)
+    if distributed:
+        dist.barrier()
+
+
+def _slicewise(function: Callable[..., torch.Tensor], stacks: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
+    """Apply ``function`` to batches of slices of ``(C, H, W, S)`` stacks; return the ``(C, H, W, S)`` result.
+
+    A stack of size 1 along S (a sampling mask) is passed whole to every batch.
+    """
+    as_slices = [convert_to_tensor(stack, track_meta=False).movedim(-1, 0) for stack in stacks]  # (S, C, H, W)
+    num_slices = max(s.shape[0] for s in as_slices)
+    outputs = [
+        function(*(s if s.shape[0] == 1 else s[start : start + batch] for s in as_slices))
+        for start in range(0, num_slices, batch)
+    ]
+    return torch.cat(outputs).movedim(0, -1)
+
+
+class CoarseSlicesd(MapTransform):
+    """Stage-1 (diffusion) output of the stack ``key`` into ``output_key``, as the pipeline computes it.
+
+    Sampling noise comes from a generator seeded with the item's ``seed``, so the output is fixed.
+    """
+
+    def __init__(
+        self, keys: str, network: MotionAwareDiffusion, output_key: str = "coarse", slice_batch: int = 16
+    ) -> None:
+        super().__init__(keys)
+        self.network = network
+        self.output_key = output_key
+        self.slice_batch = slice_batch
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        device = next(self.network.parameters()).device
+        generator = torch.Generator().manual_seed(int(d["seed"]))
+
+        def sample(corrupted: torch.Tensor) -> torch.Tensor:
+            coarse = self.network.sample(corrupted.to(device), d["acceleration"], d["motion"], generator)
+            return coarse.clamp_min(0).cpu()
+
+        for key in self.key_iterator(d):
+            d[self.output_key] = _slicewise(sample, [d[key]], self.slice_batch)
+        return d
+
+
+class RefinedSlicesd(MapTransform):
+    """Stage-2 (detail restoration) output of the stack ``key`` into ``output_key``, as the pipeline computes it.
+
+    Reads the stage-1 output from ``coarse_key`` and the measured ``{key}_kspace`` / ``{key}_mask``.
+    """
+
+    def __init__(
+        self,
+        keys: str,
+        network: ImplicitDetailRestoration,
+        coarse_key: str = "coarse",
+        output_key: str = "refined",
+        slice_batch: int = 16,
+    ) -> None:
+        super().__init__(keys)
+        self.network = network
+        self.coarse_key = coarse_key
+        self.output_key = output_key
+        self.slice_batch = slice_batch
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        device = next(self.network.parameters()).device
+
+        @torch.no_grad()
+        def refine(*slices: torch.Tensor) -> torch.Tensor:
+            corrupted, coarse, kspace, mask = (s.to(device) for s in slices)
+            refined = self.network(corrupted, coarse, d["acceleration"], d["motion"], kspace, mask)
+            return refined.clamp_min(0).cpu()
+
+        for key in self.key_iterator(d):
+            stacks = [d[key], d[self.coarse_key], d[f"{key}_kspace"], d[f"{key}_mask"]]
+            d[self.output_key] = _slicewise(refine, stacks, self.slice_batch)
+        return d

@@ -1,0 +1,307 @@
+"""Progressive training: the data and cache pieces, then the bundle CLI on tiny synthetic volumes.
+
+The CLI tests run the configs as a user does (``python -m monai.bundle run`` from the bundle root)
+with overrides that shrink patches and epochs so that each run takes seconds on a CPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from scripts.networks import MotionAwareDiffusion, PRINRPipeline, VoxelContinuousINR
+from scripts.training import (
+    CropToOutputd,
+    FixedRandomd,
+    KeysPrepareBatch,
+    RandSliceSamplesd,
+    as_bool,
+    cache_key,
+    latest_checkpoint,
+    load_datalist,
+    pool_datalist,
+    resume_checkpoint,
+    write_stage,
+)
+from scripts.transforms import RandSimulateAcquisitiond
+
+BUNDLE_DIR = Path(__file__).resolve().parents[1] / "bundle"
+STAGES = ("diffusion", "detail", "volume")
+
+# Tiny runs: 32^3 patches, one epoch of one iteration, no workers, validation at the end, scale 4 so that the
+# 48-slice validation volumes keep 12 thick slices (the 3D SSIM window of stage 3 is 11).
+TINY = {
+    "max_epochs": 1,
+    "epoch_length": 1,
+    "val_interval": 1,
+    "num_workers": 0,
+    "progress_bar": False,
+    "sampling#patch_size": [32, 32, 32],
+    "sampling#crop_margin": 4,
+    "validation_setting#scale": 4.0,
+}
+
+
+def head(rng: np.random.Generator, shape=(40, 40, 48)) -> np.ndarray:
+    """A noisy ellipsoid 'head' with a textured inner region, in scanner-like intensities."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    radius = np.sqrt(((grid / np.array([0.8, 0.9, 0.85])[:, None, None, None]) ** 2).sum(0))
+    texture = 1 + 0.3 * np.sin(6 * grid[0] + rng.uniform(0, 3)) * np.cos(5 * grid[1])
+    return 100.0 * (radius < 1) + 60.0 * (radius < 0.7) * texture + rng.normal(0, 2, shape)
+
+
+def write_nifti(path: Path, array: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.eye(4)), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """``train/`` (3 volumes), ``val/`` (2 volumes) and the same as a datalist JSON."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    datalist = {}
+    for split, folder, count in (("training", "train", 3), ("validation", "val", 2)):
+        (root / folder).mkdir()
+        paths = [write_nifti(root / folder / f"{folder}{i}.nii.gz", head(rng)) for i in range(count)]
+        datalist[split] = [{"image": str(p)} for p in paths]
+    (root / "datalist.json").write_text(json.dumps(datalist))
+    return root
+
+
+def cli_args(overrides: dict) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", repr(value) if not isinstance(value, str) else value]
+    return args
+
+
+def run_bundle(configs, overrides: dict, launcher=(), check: bool = True) -> subprocess.CompletedProcess:
+    """Run the training configs from the bundle root as a user would; returns the completed process."""
+    config_file = configs[0] if len(configs) == 1 else str(list(configs))
+    command = [*(launcher or (sys.executable,)), "-m", "monai.bundle", "run", "--config_file", config_file]
+    env = dict(os.environ, PYTHONPATH=str(BUNDLE_DIR), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        command + cli_args(overrides), cwd=BUNDLE_DIR, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 or not check, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def stage1_overrides(dataset: Path, tmp_path: Path, **extra) -> dict:
+    return {
+        "dataset_dir": str(dataset),
+        "output_dir": str(tmp_path / "stage1"),
+        "model_dir": str(tmp_path / "models"),
+        "batch_size": 3,
+        "slices_per_volume": 2,
+        **TINY,
+        **extra,
+    }
+
+
+def trainer_state(checkpoint: str) -> dict:
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["trainer"]
+
+
+# --- data, caching and checkpoints ------------------------------------------------------------
+
+
+def test_load_datalist_from_folder_and_json(dataset):
+    from_folder = load_datalist(None, dataset, "training")
+    from_json = load_datalist(dataset / "datalist.json", None, "validation")
+    assert [Path(i["image"]).name for i in from_folder] == ["train0.nii.gz", "train1.nii.gz", "train2.nii.gz"]
+    assert [Path(i["image"]).name for i in from_json] == ["val0.nii.gz", "val1.nii.gz"]
+    with pytest.raises(FileNotFoundError, match="set dataset_dir"):
+        load_datalist(None, dataset / "nowhere", "training")
+
+
+def test_slice_samples_share_slices_across_keys_and_broadcast_the_mask():
+    stack = torch.arange(5.0).expand(1, 4, 3, 5)
+    data = {"image": stack, "image_thick": stack + 10, "image_mask": torch.ones(1, 4, 1, 1, dtype=torch.bool), "m": 0.1}
+    samples = RandSliceSamplesd(["image", "image_thick", "image_mask"], num_samples=4).set_random_state(0)(data)
+    assert len(samples) == 4
+    indices = [int(s["image"][0, 0, 0]) for s in samples]
+    assert len(set(indices)) == 4  # distinct slices when the stack has enough
+    for s, k in zip(samples, indices, strict=True):
+        assert s["image"].shape == (1, 4, 3) and not isinstance(s["image"], MetaTensor)
+        torch.testing.assert_close(s["image_thick"], s["image"] + 10)
+        assert s["image_mask"].shape == (1, 4, 1) and s["m"] == 0.1
+        assert torch.all(s["image"] == k)
+    with pytest.raises(ValueError, match="same number of slices"):
+        RandSliceSamplesd(["image", "other"], 2)({"image": stack, "other": torch.zeros(1, 4, 3, 7)})
+
+
+def test_fine_target_is_cropped_to_the_reconstruction_grid():
+    """Output voxel j of stage 3 is fine voxel j: the target is the first round(S * scale) fine slices."""
+    fine = MetaTensor(torch.rand(1, 8, 8, 47))
+    simulate = RandSimulateAcquisitiond("image", scale_range=(3.3, 3.3), keep_thick=True).set_random_state(0)
+    from scripts.training import AcquisitionParametersd
+
+    d = AcquisitionParametersd("image")(simulate({"image": fine, "target": fine}))
+    d = CropToOutputd("target", stack_key="image")(d)
+    num_slices = d["image"].shape[-1]
+    assert num_slices == 14 and d["target"].shape[-1] == round(14 * 3.3) == 46
+    torch.testing.assert_close(d["target"], fine[..., :46])
+    out = VoxelContinuousINR()(d["image"].as_tensor()[None], d["scale"])
+    assert out.shape[-1] == d["target"].shape[-1]
+
+
+def test_fixed_random_is_a_function_of_the_seed():
+    transform = FixedRandomd(RandSimulateAcquisitiond("image", keep_thick=True))
+    volume = MetaTensor(torch.rand(1, 16, 16, 24))
+    first = transform({"image": volume, "seed": 3})
+    again = transform({"image": volume, "seed": 3})
+    other = transform({"image": volume, "seed": 4})
+    torch.testing.assert_close(first["image"], again["image"], rtol=0, atol=0)
+    assert first["image"].shape != other["image"].shape or not torch.equal(first["image"], other["image"])
+
+
+def test_cache_key_follows_weights_and_settings():
+    torch.manual_seed(0)
+    net = MotionAwareDiffusion(channels=(8, 16), num_head_channels=8)
+    key = cache_key([net], {"patch_size": [96, 96, 64]})
+    assert key == cache_key([net], {"patch_size": [96, 96, 64]})
+    assert key != cache_key([net], {"patch_size": [64, 64, 64]})
+    with torch.no_grad():
+        next(net.parameters()).add_(1e-3)
+    assert key != cache_key([net], {"patch_size": [96, 96, 64]})
+    items = pool_datalist([{"image": "/a/x.nii.gz"}, {"image": "/a/y.nii.gz"}], 2, key)
+    assert len(items) == 4 and len({i["seed"] for i in items}) == 4
+    assert all(i["cache_key"] == key for i in items)
+
+
+def test_prepare_batch_passes_scalars_as_one_float():
+    batch = {"refined": torch.zeros(2, 1, 4, 4, 3), "target": torch.zeros(2, 1, 4, 4, 9)}
+    batch["scale"] = torch.tensor([3.0, 3.0])
+    prepare = KeysPrepareBatch("refined", "target", args=["scale"], scalars=["scale"])
+    image, label, args, kwargs = prepare(batch, "cpu")
+    assert args == (3.0,) and kwargs == {} and label.shape[-1] == 9
+    batch["scale"] = torch.tensor([3.0, 4.0])
+    with pytest.raises(ValueError, match="must agree across the batch"):
+        prepare(batch, "cpu")
+
+
+def test_latest_checkpoint_and_stage_export(tmp_path):
+    assert latest_checkpoint(tmp_path / "none") is None
+    for name, iteration in (("checkpoint_epoch=9.pt", 18), ("checkpoint_final_iteration=20.pt", 20)):
+        torch.save({"trainer": {"iteration": iteration, "epoch": 10}}, tmp_path / name)
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_final_iteration=20.pt")
+    assert resume_checkpoint(tmp_path, "true") == latest_checkpoint(tmp_path)
+    assert resume_checkpoint(tmp_path / "empty", False) is None
+    with pytest.raises(FileExistsError, match="holds checkpoints of an earlier run"):
+        resume_checkpoint(tmp_path, "false")  # a fresh run must not mix with another run's checkpoints
+
+    model_path = tmp_path / "models" / "model.pt"
+    volume = VoxelContinuousINR()
+    write_stage(model_path, "volume", volume)
+    state = torch.load(model_path, weights_only=True)
+    PRINRPipeline().load_state_dict(state)  # a complete pipeline state dict, even from one stage
+    torch.testing.assert_close(state["volume.decoder.offset.weight"], volume.decoder.offset.weight)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        write_stage(model_path, "unet", volume)
+
+
+def test_as_bool_reads_cli_strings():
+    assert as_bool("false", "resume") is False and as_bool("True", "resume") is True and as_bool(True, "x")
+    with pytest.raises(ValueError, match="resume must be true or false"):
+        as_bool("maybe", "resume")
+
+
+# --- the bundle CLI ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_stage1_trains_validates_and_resumes(dataset, tmp_path):
+    overrides = stage1_overrides(dataset, tmp_path)
+    first = run_bundle(["configs/train_stage1.json"], overrides)
+    assert "val_psnr" in first.stdout and "val_ssim" in first.stdout
+    checkpoint = latest_checkpoint(tmp_path / "stage1" / "checkpoints")
+    assert trainer_state(checkpoint)["iteration"] == 1  # epoch_length 1
+    assert list((tmp_path / "stage1").glob("events.out.tfevents.*"))
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    exported = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    for name, value in saved["model"].items():
+        torch.testing.assert_close(exported[f"diffusion.{name}"], value)
+
+    resumed = run_bundle(["configs/train_stage1.json"], {**overrides, "max_epochs": 3})
+    assert f"Restored all variables from {checkpoint}" in resumed.stdout + resumed.stderr
+    state = torch.load(latest_checkpoint(tmp_path / "stage1" / "checkpoints"), map_location="cpu", weights_only=True)
+    assert state["trainer"]["iteration"] == 3  # one iteration per epoch: continued from 1
+    assert all(s["step"] == 3 for s in state["optimizer"]["state"].values())  # optimizer state carried on
+
+
+@pytest.mark.slow
+def test_progressive_training_writes_a_loadable_pipeline(dataset, tmp_path):
+    common = {
+        "bundle_root": "@bundle_root",
+        "dataset_dir": "@dataset_dir",
+        "datalist": "@datalist",
+        "model_dir": "@model_dir",
+        **TINY,
+    }
+    overrides = {
+        "datalist": str(dataset / "datalist.json"),
+        "runs_dir": str(tmp_path / "runs"),
+        "model_dir": str(tmp_path / "models"),
+        "cache_dir": str(tmp_path / "cache"),
+        "common": common,
+        "stage1#batch_size": 3,
+        "stage1#slices_per_volume": 2,
+        "stage2#samples_per_volume": 1,
+        "stage3#samples_per_volume": 1,
+    }
+    run_bundle(["configs/train.json"], overrides)
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    PRINRPipeline().load_state_dict(state)
+    for number, stage in enumerate(STAGES, start=1):
+        checkpoint = latest_checkpoint(tmp_path / "runs" / f"stage{number}" / "checkpoints")
+        trained = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+        for name, value in trained.items():
+            torch.testing.assert_close(state[f"{stage}.{name}"], value)
+    # stages 2 and 3 trained on cached pools built from the stages trained before them
+    assert len(list((tmp_path / "cache" / "stage2").glob("*.pt"))) == 3
+    assert len(list((tmp_path / "cache" / "stage3").glob("*.pt"))) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("missing", "does not exist"),
+        ("flat", "is a 2D image of shape (20, 20); expected a 3D volume"),
+    ],
+)
+def test_bad_datalist_fails_at_start_naming_the_file(dataset, tmp_path, bad, message):
+    bad_file = tmp_path / f"{bad}.nii.gz"
+    if bad == "flat":
+        write_nifti(bad_file, np.zeros((20, 20)))
+    datalist = json.loads((dataset / "datalist.json").read_text())
+    datalist["training"].append({"image": str(bad_file)})
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist))
+    overrides = stage1_overrides(dataset, tmp_path, datalist=str(tmp_path / "datalist.json"))
+    result = run_bundle(["configs/train_stage1.json"], overrides, check=False)
+    assert result.returncode != 0
+    assert f"'{bad_file}' {message}" in result.stderr
+    assert not (tmp_path / "stage1").exists()  # failed before any training output
+
+
+@pytest.mark.slow
+def test_distributed_stage1_on_two_cpu_processes(dataset, tmp_path):
+    overrides = stage1_overrides(dataset, tmp_path, batch_size=2)
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    result = run_bundle(["configs/train_stage1.json", "configs/multi_gpu_train.json"], overrides, launcher)
+    checkpoints = list((tmp_path / "stage1" / "checkpoints").glob("*.pt"))
+    assert len(checkpoints) == 1  # written by rank 0 only
+    # one iteration per epoch on each rank (3 volumes split over 2 ranks, batch 2)
+    assert trainer_state(str(checkpoints[0]))["iteration"] == 1
+    assert result.stdout.count("Epoch[1] Metrics -- val_psnr") == 1  # validation logged by rank 0
+    assert len(list((tmp_path / "stage1").glob("events.out.tfevents.*"))) == 3  # rank 0's three writers
+    PRINRPipeline().load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
