@@ -305,3 +305,21 @@ def test_distributed_stage1_on_two_cpu_processes(dataset, tmp_path):
     assert result.stdout.count("Epoch[1] Metrics -- val_psnr") == 1  # validation logged by rank 0
     assert len(list((tmp_path / "stage1").glob("events.out.tfevents.*"))) == 3  # rank 0's three writers
     PRINRPipeline().load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
+
+
+def test_finetune_starts_from_the_shipped_stage_weights(tmp_path):
+    from scripts.networks import MotionAwareDiffusion, PRINRPipeline
+    from scripts.training import initial_weights
+
+    torch.manual_seed(1)
+    shipped = PRINRPipeline()
+    model_path = tmp_path / "model.pt"
+    torch.save(shipped.state_dict(), model_path)
+    torch.manual_seed(2)
+    fresh = MotionAwareDiffusion()
+    untouched = {k: v.clone() for k, v in fresh.state_dict().items()}
+    assert initial_weights(fresh, model_path, "diffusion", "false") is fresh
+    assert all(torch.equal(v, untouched[k]) for k, v in fresh.state_dict().items())
+    tuned = initial_weights(MotionAwareDiffusion(), model_path, "diffusion", "true")
+    assert all(torch.equal(v, shipped.diffusion.state_dict()[k]) for k, v in tuned.state_dict().items())
+    assert tuned.training and all(p.requires_grad for p in tuned.parameters())

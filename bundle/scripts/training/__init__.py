@@ -27,7 +27,7 @@ from .data import (
 from .engines import DiffusionIteration, DiffusionTrainingLoss, KeysPrepareBatch, PipelineInferer
 from .handlers import ExportStageWeights
 from .progressive import run_progressive
-from .weights import latest_checkpoint, load_stage, resume_checkpoint, write_stage
+from .weights import initial_weights, latest_checkpoint, load_stage, resume_checkpoint, write_stage
 
 __all__ = [
     "AcquisitionParametersd",
@@ -45,6 +45,7 @@ __all__ = [
     "cache_key",
     "check_volume_file",
     "fill_cache",
+    "initial_weights",
     "latest_checkpoint",
     "load_datalist",
     "load_stage",

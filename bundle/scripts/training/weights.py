@@ -76,6 +76,13 @@ def load_stage(model_path: str | os.PathLike, stage: str, network: nn.Module, de
     return network.to(device).eval().requires_grad_(False)
 
 
+def initial_weights(network: nn.Module, model_path: str | os.PathLike, stage: str, finetune: bool | str) -> nn.Module:
+    """The stage network to train: fresh, or with ``finetune`` starting from the ``stage`` weights in ``model_path``."""
+    if not as_bool(finetune, "finetune"):
+        return network
+    return load_stage(model_path, stage, network).train().requires_grad_(True)
+
+
 def write_stage(model_path: str | os.PathLike, stage: str, network: nn.Module) -> None:
     """Replace the ``stage`` weights of the pipeline state dict ``model_path`` by ``network``'s, atomically.
 
