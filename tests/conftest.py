@@ -1,5 +1,6 @@
 """Make the bundle's Python package importable as ``scripts`` and locate the shared data."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -18,3 +19,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def app_python(name: str) -> Path:
+    """Interpreter of an app's own environment (``apps/<name>/setup.sh``), from ``PRINR_<NAME>_PYTHON``.
+
+    Defaults to ``.venv-<name>/bin/python`` in the repository. Skips when it is missing, unless
+    ``PRINR_REQUIRE_APP_ENVS=1`` (set by ``.ci/run``), where a missing environment is a failure.
+    """
+    python = Path(os.environ.get(f"PRINR_{name.upper()}_PYTHON", REPO_ROOT / f".venv-{name}" / "bin" / "python"))
+    if not python.exists():
+        message = f"the {name} app environment is missing ({python}); build it with apps/{name}/setup.sh"
+        if os.environ.get("PRINR_REQUIRE_APP_ENVS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
