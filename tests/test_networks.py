@@ -136,12 +136,22 @@ def test_detail_query_at_pixel_centres_matches_grid(chunk_size):
     torch.testing.assert_close(queried, grid)
 
 
+def test_detail_base_is_a_per_pixel_blend_of_corrupted_and_coarse():
+    net = ImplicitDetailRestoration(**TINY_DETAIL)
+    corrupted, coarse = slices(2), slices(2)
+    base = net.encode(corrupted, coarse, 4.0, 0.03)[:, :1]
+    assert (base >= torch.minimum(corrupted, coarse) - 1e-6).all() and (
+        base <= torch.maximum(corrupted, coarse) + 1e-6
+    ).all()
+    assert not torch.allclose(base, coarse) and not torch.allclose(base, corrupted)
+
+
 def test_detail_query_between_pixels_blends_neighbours():
     net = ImplicitDetailRestoration(**TINY_DETAIL)
     torch.nn.init.zeros_(net.decoder.head.output.weight)
-    torch.nn.init.zeros_(net.decoder.head.output.bias)  # residual 0: the query is the bilinear coarse image
+    torch.nn.init.zeros_(net.decoder.head.output.bias)  # residual 0: the query is the bilinear base image
     coarse = slices(1)
-    features = net.encode(slices(1), coarse)
+    features = net.encode(coarse, coarse)  # corrupted == coarse: the base is the coarse image whatever the blend
     coords = torch.tensor([[[3.5, 4.0], [3.0, 4.25], [-2.0, 100.0]]])
     expected = torch.stack(
         (
@@ -166,18 +176,30 @@ def test_volume_grid_shape_and_positions(scale):
     torch.testing.assert_close(positions, (torch.arange(positions.numel(), dtype=torch.float64) + 0.5) / scale - 0.5)
 
 
-def test_volume_untrained_residual_zero_is_linear_interpolation():
-    net = VoxelContinuousINR(**TINY_VOLUME)
+def test_volume_untrained_residual_zero_is_cubic_interpolation():
+    net = VoxelContinuousINR(**TINY_VOLUME).double()
     torch.nn.init.zeros_(net.decoder.head.output.weight)
     torch.nn.init.zeros_(net.decoder.head.output.bias)
     stack = torch.rand(1, 1, H, W, S, dtype=torch.float64)
-    net = net.double()
     out = net(stack, 2.5)
     z = output_positions(S, 2.5).clamp(0, S - 1)
     low = z.floor().long().clamp(max=S - 2)
     t = z - low
-    expected = stack[..., low] * (1 - t) + stack[..., low + 1] * t
+
+    def at(k):
+        return stack[..., k.clamp(0, S - 1)]
+
+    # Catmull-Rom: p1 + t (p2 - p0) / 2 + t^2 (2 p0 - 5 p1 + 4 p2 - p3) / 2 + t^3 (3 (p1 - p2) + p3 - p0) / 2
+    p0, p1, p2, p3 = at(low - 1), at(low), at(low + 1), at(low + 2)
+    expected = (
+        p1 + t * (p2 - p0) / 2 + t**2 * (2 * p0 - 5 * p1 + 4 * p2 - p3) / 2 + t**3 * (3 * (p1 - p2) + p3 - p0) / 2
+    )
     torch.testing.assert_close(out, expected)
+
+    # a quadratic along z is reproduced exactly between the second and the second-to-last slice
+    ramp = (torch.arange(S, dtype=torch.float64) ** 2).expand(1, 1, H, W, S).contiguous()
+    inner = (z >= 1) & (z <= S - 2)
+    torch.testing.assert_close(net(ramp, 2.5)[..., inner], (z[inner] ** 2).expand(1, 1, H, W, -1))
 
 
 @pytest.mark.parametrize("chunk_size", [997, 1 << 20])

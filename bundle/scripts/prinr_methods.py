@@ -16,9 +16,11 @@ baseline does to the zero-filled input, so the ablations differ from it only by 
 
 **Inputs.** The degraded volume is ``(1, X, Y, Z)`` with the thick-slice axis
 ``acquisition["slice_axis"]`` (2 in the protocol); it is moved last and a batch axis added, which
-is the pipeline's layout. The acquisition's measured k-space and sampling mask (convention of
-:mod:`scripts.kspace`, moved the same way) drive stage 2's data consistency; ``acceleration``,
-``motion`` and ``scale`` come from the acquisition. Stage 1 noise uses :func:`configure`'s
+is the pipeline's layout. ``acceleration``, ``motion`` and ``scale`` come from the acquisition. By
+default the pipeline sees the degraded image only, as the inference config does on a NIfTI or DICOM
+scan (magnitude images carry no k-space); ``configure(use_kspace=True)`` passes the simulation's
+measured k-space and sampling mask (convention of :mod:`scripts.kspace`, moved the same way) to
+stage 2's data consistency instead. Stage 1 noise uses :func:`configure`'s
 ``seed`` (0, like the inference config), so results repeat exactly.
 
 **Geometry.** The full pipeline's output grid tiles the acquired slabs
@@ -113,6 +115,7 @@ class _Options:
     seed: int = 0
     cache: bool | None = None  # None: $PRINR_CACHE (default on)
     cache_size: int = 2
+    use_kspace: bool = False
 
 
 _options = _Options()
@@ -132,6 +135,7 @@ def configure(
     seed: int | None = None,
     cache: bool | None = None,
     cache_size: int | None = None,
+    use_kspace: bool | None = None,
     reset: bool = False,
 ) -> None:
     """Set where the network comes from and how it runs; drops the cached network, results and cost ledger.
@@ -146,6 +150,7 @@ def configure(
         seed: seed of stage 1's sampling noise.
         cache: keep pipeline results across methods (see the module docstring).
         cache_size: number of pipeline results kept.
+        use_kspace: give stage 2 the acquisition's measured k-space and mask (default: images only).
         reset: first restore every default (the bundle's config and checkpoint, seed 0, cache on).
 
     Arguments left as None keep their current value.
@@ -165,6 +170,8 @@ def configure(
         _options.seed = int(seed)
     if cache is not None:
         _options.cache = bool(cache)
+    if use_kspace is not None:
+        _options.use_kspace = bool(use_kspace)
     if cache_size is not None:
         if int(cache_size) < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}.")
@@ -380,7 +387,7 @@ def reconstruct(
     network = get_network()
     axis = _slice_axis(acquisition)
     stack = torch.movedim(_plain(degraded).float(), axis + 1, -1)[None]
-    kspace, mask = acquisition.get("kspace"), acquisition.get("mask")
+    kspace, mask = (acquisition.get("kspace"), acquisition.get("mask")) if _options.use_kspace else (None, None)
     if (kspace is None) != (mask is None):
         raise ValueError("the acquisition must hold both 'kspace' and 'mask' (for data consistency) or neither.")
     if kspace is not None:

@@ -17,15 +17,22 @@ from .padding import crop_to, pad_to_multiple
 class ImplicitDetailRestoration(nn.Module):
     """Refine a coarse slice with a residual implicit neural representation (LIIF-style local ensemble).
 
-    A 2D UNet encodes three channels: the corrupted slice, the coarse reconstruction and the coarse
+    A 2D UNet encodes five channels: the corrupted slice, the coarse reconstruction, the coarse
     reconstruction's data-consistent projection (its acquired k-space lines replaced by the
-    measured ones), which tells the encoder where the coarse estimate disagrees with the data. The
-    features are gated per channel by a squeeze-excitation MLP that also sees the encoded
-    (acceleration, motion), so the acquisition selects which features matter.
+    measured ones, which tells the encoder where the coarse estimate disagrees with the data) and
+    two constant maps of the encoded (acceleration, motion). The features are gated per channel by
+    a squeeze-excitation MLP that also sees the encoded acquisition, so the acquisition selects
+    which features matter.
+
+    The residual is added to a per-pixel blend of the corrupted and the coarse slice whose weight
+    is one more output channel of the encoder. A clean, fully sampled slice is already the best
+    estimate of itself, while the diffusion output is the better start under heavy motion; the
+    blend lets the network choose per pixel and per acquisition instead of always starting from
+    the coarse estimate.
 
     A query at continuous pixel coordinates ``(h, w)`` decodes, for each of the 4 surrounding
     feature-grid nodes, an MLP of the node's features, the offset from the node and its Fourier
-    encoding; the 4 results (node's coarse value + residual) are blended with bilinear (area)
+    encoding; the 4 results (node's base value + residual) are blended with bilinear (area)
     weights. At a pixel centre one node has weight 1 and offset 0, which is what the grid forward
     decodes directly.
 
@@ -41,7 +48,7 @@ class ImplicitDetailRestoration(nn.Module):
 
     def __init__(
         self,
-        encoder_channels: Sequence[int] = (16, 32, 64),
+        encoder_channels: Sequence[int] = (16, 32, 64, 128),
         num_res_units: int = 1,
         gate_hidden: int = 16,
         hidden_features: int = 32,
@@ -54,8 +61,8 @@ class ImplicitDetailRestoration(nn.Module):
         self.downsample_factor = 2 ** (len(encoder_channels) - 1)
         self.encoder = UNet(
             spatial_dims=2,
-            in_channels=3,
-            out_channels=hidden_features,
+            in_channels=5,
+            out_channels=hidden_features + 1,
             channels=tuple(encoder_channels),
             strides=(2,) * (len(encoder_channels) - 1),
             num_res_units=num_res_units,
@@ -81,9 +88,10 @@ class ImplicitDetailRestoration(nn.Module):
         kspace: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Gated features of ``(N, 1, H, W)`` slices as ``(N, 1 + C, H, W)``; channel 0 is ``coarse``.
+        """Gated features of ``(N, 1, H, W)`` slices as ``(N, 1 + C, H, W)``; channel 0 is the residual's base.
 
-        Carrying the coarse image with the features lets a query gather both in one lookup.
+        The base is the per-pixel blend of ``corrupted`` and ``coarse``; carrying it with the
+        features lets a query gather both in one lookup.
         """
         check_slices(corrupted, "corrupted")
         if coarse.shape != corrupted.shape:
@@ -91,12 +99,15 @@ class ImplicitDetailRestoration(nn.Module):
                 f"coarse must have the corrupted slices' shape {shape_str(corrupted)}, got {shape_str(coarse)}."
             )
         check_kspace(corrupted, kspace, mask)
-        inputs = torch.cat((corrupted, coarse, self.consistency_channel(coarse, kspace, mask)), dim=1)
+        code = acquisition_code(acceleration, motion, corrupted.shape[0], corrupted.device).to(corrupted.dtype)
+        maps = code[:, :, None, None].expand(-1, -1, corrupted.shape[-2], corrupted.shape[-1])
+        inputs = torch.cat((corrupted, coarse, self.consistency_channel(coarse, kspace, mask), maps), dim=1)
         size = (corrupted.shape[-2], corrupted.shape[-1])
-        features = crop_to(self.encoder(pad_to_multiple(inputs, self.downsample_factor)), size)
-        code = acquisition_code(acceleration, motion, corrupted.shape[0], corrupted.device).to(features.dtype)
+        encoded = crop_to(self.encoder(pad_to_multiple(inputs, self.downsample_factor)), size)
+        base = torch.lerp(coarse, corrupted, torch.sigmoid(encoded[:, :1]))
+        features = encoded[:, 1:]
         gates = torch.sigmoid(self.gate(torch.cat((features.mean(dim=(2, 3)), code), dim=1)))
-        return channels_last_table(coarse, features * gates[:, :, None, None])
+        return channels_last_table(base, features * gates[:, :, None, None])
 
     def query(self, features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """Refined intensities ``(N, Q)`` at continuous pixel coordinates ``coords`` ``(N, Q, 2)`` = (h, w).

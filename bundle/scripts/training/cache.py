@@ -113,7 +113,9 @@ class CoarseSlicesd(MapTransform):
 class RefinedSlicesd(MapTransform):
     """Stage-2 (detail restoration) output of the stack ``key`` into ``output_key``, as the pipeline computes it.
 
-    Reads the stage-1 output from ``coarse_key`` and the measured ``{key}_kspace`` / ``{key}_mask``.
+    Reads the stage-1 output from ``coarse_key`` and, with ``use_kspace``, the measured ``{key}_kspace`` /
+    ``{key}_mask`` for data consistency. Without it the stage sees what inference from images sees
+    (no k-space), which is what a pool for the later stage should hold.
     """
 
     def __init__(
@@ -123,24 +125,30 @@ class RefinedSlicesd(MapTransform):
         coarse_key: str = "coarse",
         output_key: str = "refined",
         slice_batch: int = 16,
+        use_kspace: bool = True,
     ) -> None:
         super().__init__(keys)
         self.network = network
         self.coarse_key = coarse_key
         self.output_key = output_key
         self.slice_batch = slice_batch
+        self.use_kspace = use_kspace
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         device = next(self.network.parameters()).device
 
         @torch.no_grad()
-        def refine(*slices: torch.Tensor) -> torch.Tensor:
-            corrupted, coarse, kspace, mask = (s.to(device) for s in slices)
-            refined = self.network(corrupted, coarse, d["acceleration"], d["motion"], kspace, mask)
+        def refine(corrupted: torch.Tensor, coarse: torch.Tensor, *measured: torch.Tensor) -> torch.Tensor:
+            kspace, mask = (m.to(device) for m in measured) if measured else (None, None)
+            refined = self.network(
+                corrupted.to(device), coarse.to(device), d["acceleration"], d["motion"], kspace, mask
+            )
             return refined.clamp_min(0).cpu()
 
         for key in self.key_iterator(d):
-            stacks = [d[key], d[self.coarse_key], d[f"{key}_kspace"], d[f"{key}_mask"]]
+            stacks = [d[key], d[self.coarse_key]]
+            if self.use_kspace:
+                stacks += [d[f"{key}_kspace"], d[f"{key}_mask"]]
             d[self.output_key] = _slicewise(refine, stacks, self.slice_batch)
         return d
