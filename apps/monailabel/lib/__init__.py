@@ -1,0 +1,1 @@
+"""The PR-INR MONAI Label app's tasks: the bundle it serves, model versions, inference and fine-tuning."""
