@@ -287,6 +287,24 @@ def test_random_form_draws_within_ranges_and_is_reproducible():
     assert len(seen) > 1
 
 
+def test_still_prob_gives_motion_free_acquisitions_without_changing_other_draws():
+    img = phantom(shape=(32, 32, 40))
+    ranges = {"scale_range": (2, 8), "motion_range": (0.01, 0.06), "accelerations": (1, 2, 4, 8)}
+    motions = []
+    for seed in range(40):
+        default = RandSimulateAcquisition(**ranges).set_random_state(seed)
+        mixed = RandSimulateAcquisition(**ranges, still_prob=0.3).set_random_state(seed)
+        default.randomize()
+        mixed.randomize()
+        # the still draw comes after the others: scale and acceleration are the default stream's
+        assert mixed.params.scale == default.params.scale and mixed.params.acceleration == default.params.acceleration
+        assert mixed.params.motion in (0.0, default.params.motion)
+        motions.append(mixed.params.motion)
+    assert 5 <= motions.count(0.0) <= 20  # about 30% of 40
+    still = RandSimulateAcquisition(**ranges, still_prob=1.0).set_random_state(0)(img)
+    assert still.meta["acquisition"]["motion"] == 0.0
+
+
 # --- array / dictionary equivalence ----------------------------------------------------------
 
 
@@ -359,6 +377,7 @@ def test_inputs_are_not_modified():
         (lambda: ThickSliceAcquisition(scale=20)(torch.rand(1, 8, 8, 8)), "fewer than one slab"),
         (lambda: SimulateAcquisition(scale=2, ordering="random"), "ordering must be one of"),
         (lambda: RandSimulateAcquisition(scale_range=(0.5, 2)), "scale must be >= 1"),
+        (lambda: RandSimulateAcquisition(still_prob=1.5), "still_prob must be a probability"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(make, message):

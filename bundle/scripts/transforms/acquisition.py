@@ -109,6 +109,9 @@ class RandSimulateAcquisition(Randomizable, Transform):
         scale_range: slice spacing multiple drawn uniformly from this range.
         motion_range: motion severity (fraction of the FOV) drawn uniformly from this range.
         accelerations: acceleration drawn uniformly from these values.
+        still_prob: probability of no motion at all. A uniform draw from ``motion_range`` almost
+            never gives exactly 0, yet a still patient is the common case, and a network that never
+            sees one learns to alter clean slices.
         params: the fixed :class:`AcquisitionParameters` (slice axis, profile, segments, ...).
     """
 
@@ -119,8 +122,12 @@ class RandSimulateAcquisition(Randomizable, Transform):
         scale_range: Sequence[float] = (2.0, 8.0),
         motion_range: Sequence[float] = (0.0, 0.06),
         accelerations: Sequence[float] = (1, 2, 4, 8),
+        still_prob: float = 0.0,
         **params,
     ) -> None:
+        if not 0.0 <= still_prob <= 1.0:
+            raise ValueError(f"still_prob must be a probability in [0, 1], got {still_prob}.")
+        self.still_prob = float(still_prob)
         self.scale_range = tuple(check_scale(s) for s in scale_range)
         self.motion_range = tuple(check_severity(m, "motion_range") for m in motion_range)
         self.accelerations = tuple(check_acceleration(a) for a in accelerations)
@@ -139,6 +146,9 @@ class RandSimulateAcquisition(Randomizable, Transform):
             motion=float(self.R.uniform(*self.motion_range)),
             acceleration=float(self.accelerations[self.R.randint(len(self.accelerations))]),
         )
+        # drawn only when enabled, so that configs without it keep their random stream
+        if self.still_prob > 0 and self.R.random_sample() < self.still_prob:
+            self.params = replace(self.params, motion=0.0)
 
     def __call__(self, img, randomize: bool = True) -> MetaTensor:
         if randomize:
@@ -196,12 +206,13 @@ class RandSimulateAcquisitiond(DelegatingRandomizabled):
         scale_range: Sequence[float] = (2.0, 8.0),
         motion_range: Sequence[float] = (0.0, 0.06),
         accelerations: Sequence[float] = (1, 2, 4, 8),
+        still_prob: float = 0.0,
         keep_thick: bool = False,
         allow_missing_keys: bool = False,
         **params,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
-        self.transform = RandSimulateAcquisition(scale_range, motion_range, accelerations, **params)
+        self.transform = RandSimulateAcquisition(scale_range, motion_range, accelerations, still_prob, **params)
         self.keep_thick = keep_thick
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
