@@ -54,17 +54,15 @@ def plot(scan, recon, references: dict, reacquired: dict, path: Path) -> None:
     """Axial slice of the scan next to each method re-acquired (with its error), and a coronal view of each output."""
     from matplotlib.figure import Figure
 
+    to_ras = Orientation("RAS", labels=None)
     names = list(reacquired)
-    scan_ras = Orientation("RAS", labels=None)(scan)
-    thick = normalise(scan_ras, *(Orientation("RAS", labels=None)(reacquired[n]) for n in names))
-    fine = [
-        Orientation("RAS", labels=None)(v)
-        for v in (nearest_on_grid(scan, recon.affine, recon.shape[1:]), *references.values())
-    ]
-    fine_n = normalise(Orientation("RAS", labels=None)(recon), *fine)
+    scan_ras, recon_ras = to_ras(scan), to_ras(recon)
+    thick = normalise(scan_ras, *(to_ras(reacquired[n]) for n in names))
+    fine = [to_ras(v) for v in (nearest_on_grid(scan, recon.affine, recon.shape[1:]), *references.values())]
+    fine_n = normalise(recon_ras, *fine)
     fine_names = ["PR-INR", "scan (nearest)", *references]
     spacing = np.linalg.norm(np.asarray(scan_ras.affine)[:3, :3], axis=0)
-    fine_spacing = np.linalg.norm(np.asarray(Orientation("RAS", labels=None)(recon).affine)[:3, :3], axis=0)
+    fine_spacing = np.linalg.norm(np.asarray(recon_ras.affine)[:3, :3], axis=0)
     k, j = scan_ras.shape[3] // 2, scan_ras.shape[2] // 2
     ncol = 1 + len(names)
     fig = Figure(figsize=(3.0 * ncol, 9.5), layout="constrained")
