@@ -364,6 +364,7 @@ def test_torch_jit_script_of_the_pipeline_matches_eager_and_leaves_it_unchanged(
             ((image,), {}),
             ((image[:1, :, :9, :7], 1.7, 8.0, 0.05), {"seed": 5}),
             ((image, 2.5, acceleration, 0.03, kspace, mask), {"seed": 3}),
+            ((image, 4.0, torch.tensor([1.0, 2.0]), 0.0), {}),  # one volume declared clean, one not
         ):
             torch.testing.assert_close(scripted(*args, **kwargs), network(*args, **kwargs), rtol=0, atol=1e-6)
         stages = scripted.reconstruct(image, 3.0, 4.0, 0.0)

@@ -15,6 +15,9 @@ from scripts.networks import (
     output_positions,
     output_size,
 )
+from scripts.networks.volume import slab_consistent
+from scripts.training import CoarseSlicesd, RefinedSlicesd
+from scripts.transforms import ThickSliceAcquisition
 
 H, W, S = 37, 29, 5
 
@@ -259,6 +262,47 @@ def test_pipeline_without_diffusion_feeds_the_corrupted_slices():
     with torch.no_grad():
         stages = pipeline.reconstruct(image, 3.0)
     torch.testing.assert_close(stages["stage1"], image)
+
+
+@pytest.mark.parametrize("size", [25, 12, 9])  # scales 5, 2.4, 1.8 over 5 slices
+def test_slab_consistent_volume_averages_back_to_the_slices(size):
+    stack, volume = torch.rand(2, 1, 4, 3, S, dtype=torch.float64), torch.rand(2, 1, 4, 3, size, dtype=torch.float64)
+    corrected = slab_consistent(volume, stack)
+    torch.testing.assert_close(ThickSliceAcquisition(size / S)(corrected[0]).as_tensor(), stack[0])
+    # a volume that already averages to the slices is left as it is
+    torch.testing.assert_close(slab_consistent(corrected, stack), corrected)
+
+
+def test_declared_clean_volume_skips_stages_1_and_2_and_stage_3_reproduces_its_slices():
+    pipeline = tiny_pipeline()
+    image = 10 + 10 * torch.rand(2, 1, H, W, S)
+    acceleration, motion = torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.02])
+    with torch.no_grad():
+        stages = pipeline.reconstruct(image, 5.0, acceleration, motion)
+        pipeline.slab_consistency = False
+        unconstrained = pipeline.reconstruct(image, 5.0, acceleration, motion)
+    # volume 0 is declared clean: its slices are measurements, kept by stages 1-2 and reproduced by stage 3
+    torch.testing.assert_close(stages["stage1"][0], image[0])  # up to normalising and back
+    torch.testing.assert_close(stages["stage2"][0], image[0])
+    torch.testing.assert_close(ThickSliceAcquisition(5.0)(stages["stage3"][0]).as_tensor(), image[0])
+    assert not torch.allclose(unconstrained["stage3"][0], stages["stage3"][0])
+    # volume 1 has motion: every stage runs and stage 3 is not constrained
+    assert not torch.allclose(stages["stage2"][1], image[1])
+    torch.testing.assert_close(stages["stage3"][1], unconstrained["stage3"][1], rtol=0, atol=0)
+
+
+def test_pool_transforms_compute_what_the_pipeline_computes():
+    """The stage-2 and stage-3 training pools hold the pipeline's own stage outputs, clean samples included."""
+    pipeline = tiny_pipeline()
+    image = 10 * torch.rand(1, 1, H, W, S)
+    reference = pipeline.reference_intensity(image)  # pools hold volumes already normalised to ~[0, 1]
+    for acceleration, motion in ((4.0, 0.03), (1.0, 0.0)):
+        item = {"image": image[0] / reference[0], "seed": 7, "acceleration": acceleration, "motion": motion}
+        with torch.no_grad():
+            pooled = RefinedSlicesd("image", pipeline, use_kspace=False)(CoarseSlicesd("image", pipeline)(item))
+            stages = pipeline.reconstruct(image, 5.0, acceleration, motion, seed=7)
+        torch.testing.assert_close(pooled["coarse"], stages["stage1"][0] / reference[0])
+        torch.testing.assert_close(pooled["refined"], stages["stage2"][0] / reference[0])
 
 
 def test_pipeline_state_dict_round_trip(tmp_path):

@@ -146,6 +146,7 @@ def test_fine_target_is_cropped_to_the_reconstruction_grid():
     from scripts.training import AcquisitionParametersd
 
     d = AcquisitionParametersd("image")(simulate({"image": fine, "target": fine}))
+    assert d["clean"] is (d["acceleration"] == 1.0 and d["motion"] == 0.0)
     d = CropToOutputd("target", stack_key="image")(d)
     num_slices = d["image"].shape[-1]
     assert num_slices == 14 and d["target"].shape[-1] == round(14 * 3.3) == 46

@@ -305,6 +305,21 @@ def test_still_prob_gives_motion_free_acquisitions_without_changing_other_draws(
     assert still.meta["acquisition"]["motion"] == 0.0
 
 
+def test_clean_prob_gives_fully_sampled_motion_free_acquisitions():
+    img = phantom(shape=(32, 32, 40))
+    ranges = {"scale_range": (2, 8), "motion_range": (0.01, 0.06), "accelerations": (2, 4, 8)}
+    draws = []
+    for seed in range(40):
+        transform = RandSimulateAcquisition(**ranges, clean_prob=0.5).set_random_state(seed)
+        transform.randomize()
+        draws.append((transform.params.acceleration, transform.params.motion))
+    clean = draws.count((1.0, 0.0))
+    assert 10 <= clean <= 30  # about half of 40; the others keep their drawn R >= 2 and motion > 0
+    assert all(a >= 2 and m > 0 for a, m in draws if (a, m) != (1.0, 0.0))
+    out = RandSimulateAcquisition(**ranges, clean_prob=1.0).set_random_state(0)(img)
+    assert out.meta["acquisition"]["acceleration"] == 1.0 and out.meta["acquisition"]["motion"] == 0.0
+
+
 # --- array / dictionary equivalence ----------------------------------------------------------
 
 
@@ -378,6 +393,7 @@ def test_inputs_are_not_modified():
         (lambda: SimulateAcquisition(scale=2, ordering="random"), "ordering must be one of"),
         (lambda: RandSimulateAcquisition(scale_range=(0.5, 2)), "scale must be >= 1"),
         (lambda: RandSimulateAcquisition(still_prob=1.5), "still_prob must be a probability"),
+        (lambda: RandSimulateAcquisition(clean_prob=-0.1), "clean_prob must be a probability"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(make, message):

@@ -84,6 +84,19 @@ def per_sample(value: float | torch.Tensor, batch: int, name: str, device: torch
     return tensor
 
 
+def declared_clean(
+    acceleration: float | torch.Tensor, motion: float | torch.Tensor, batch: int, device: torch.device
+) -> torch.Tensor:
+    """Which of ``batch`` samples were declared fully sampled (R = 1) and motion-free, as a ``(batch,)`` mask.
+
+    Their slices are measurements, not estimates: stages 1 and 2 have nothing to repair in them,
+    and stage 3's volume must reproduce them.
+    """
+    return (per_sample(acceleration, batch, "acceleration", device) == 1) & (
+        per_sample(motion, batch, "motion", device) == 0
+    )
+
+
 def acquisition_code(
     acceleration: float | torch.Tensor,
     motion: float | torch.Tensor,

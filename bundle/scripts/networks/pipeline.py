@@ -14,7 +14,7 @@ from torch import nn
 
 from .detail import ImplicitDetailRestoration
 from .diffusion import MotionAwareDiffusion
-from .inputs import check_kspace, check_scale, check_volume, per_sample
+from .inputs import check_kspace, check_scale, check_volume, declared_clean, per_sample
 from .volume import VoxelContinuousINR
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,14 @@ class PRINRPipeline(nn.Module):
         slice_batch: slices processed together by stages 1 and 2.
         use_diffusion: run stage 1; when False the corrupted slice is stage 2's coarse input
             (the "stage 2 + 3 without stage 1" ablation).
+        slab_consistency: make stage 3's volume reproduce the measured slices of an acquisition
+            declared clean (see below).
+
+    **Declared-clean acquisitions.** A volume given with ``acceleration`` 1 and ``motion`` 0 has
+    slices that are measurements of the thick slices, not corrupted estimates of them. Stages 1
+    and 2 leave such slices unchanged (running them would only add their errors), and stage 3's
+    volume is corrected with :func:`scripts.networks.volume.slab_consistent` so that it averages
+    back to them exactly. Declare motion or acceleration whenever the scan may contain either.
 
     TorchScript: ``torch.jit.script(pipeline)`` (what ``python -m monai.bundle ckpt_export`` does)
     compiles :meth:`forward` with its full signature and behaviour (any size, batch and scale,
@@ -68,6 +76,7 @@ class PRINRPipeline(nn.Module):
         volume: VoxelContinuousINR | dict[str, Any] | None = None,
         slice_batch: int = 8,
         use_diffusion: bool = True,
+        slab_consistency: bool = True,
     ) -> None:
         super().__init__()
         if slice_batch < 1:
@@ -77,6 +86,7 @@ class PRINRPipeline(nn.Module):
         self.volume = _stage(VoxelContinuousINR, volume)
         self.slice_batch = slice_batch
         self.use_diffusion = use_diffusion
+        self.slab_consistency = slab_consistency
 
     def __prepare_scriptable__(self) -> PRINRPipeline:
         """What ``torch.jit.script`` compiles: a shallow copy whose stages TorchScript then prepares in turn.
@@ -100,6 +110,41 @@ class PRINRPipeline(nn.Module):
         reference = flat.kthvalue(rank, dim=1)[0]
         reference = torch.where(reference > 0, reference, torch.ones_like(reference))
         return reference.view(-1, 1, 1, 1, 1)
+
+    def coarse_slices(
+        self,
+        corrupted: torch.Tensor,
+        acceleration: float | torch.Tensor,
+        motion: float | torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Stage 1 of slices ``(N, 1, H, W)`` (intensities ~[0, 1]); the slices themselves where stage 1 is skipped.
+
+        Skipped without ``use_diffusion`` and for slices of a declared-clean acquisition. Noise comes
+        from ``generator``; it is drawn for the whole batch, so a slice's result does not depend
+        on which of its neighbours are clean.
+        """
+        clean = declared_clean(acceleration, motion, corrupted.shape[0], corrupted.device)
+        if not self.use_diffusion or bool(clean.all()):
+            return corrupted
+        coarse = self.diffusion.sample(corrupted, acceleration, motion, generator).clamp_min(0)
+        return torch.where(clean[:, None, None, None], corrupted, coarse)
+
+    def refined_slices(
+        self,
+        corrupted: torch.Tensor,
+        coarse: torch.Tensor,
+        acceleration: float | torch.Tensor,
+        motion: float | torch.Tensor,
+        kspace: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Stage 2 of slices ``(N, 1, H, W)`` given their :meth:`coarse_slices`; declared-clean ones pass unchanged."""
+        clean = declared_clean(acceleration, motion, corrupted.shape[0], corrupted.device)
+        if bool(clean.all()):
+            return corrupted
+        refined = self.detail(corrupted, coarse, acceleration, motion, kspace, mask).clamp_min(0)
+        return torch.where(clean[:, None, None, None], corrupted, refined)
 
     def reconstruct(
         self,
@@ -143,17 +188,14 @@ class PRINRPipeline(nn.Module):
             stop = start + self.slice_batch
             corrupted = slices[start:stop]
             part_acceleration, part_motion = accelerations[start:stop], motions[start:stop]
-            if self.use_diffusion:
-                coarse.append(self.diffusion.sample(corrupted, part_acceleration, part_motion, generator).clamp_min(0))
-            else:
-                coarse.append(corrupted)
+            coarse.append(self.coarse_slices(corrupted, part_acceleration, part_motion, generator))
             measured: torch.Tensor | None = None
             sampled: torch.Tensor | None = None
             if kspace is not None and mask is not None:
                 measured = kspace[start:stop]
                 sampled = mask[start:stop]
             refined.append(
-                self.detail(corrupted, coarse[-1], part_acceleration, part_motion, measured, sampled).clamp_min(0)
+                self.refined_slices(corrupted, coarse[-1], part_acceleration, part_motion, measured, sampled)
             )
             if not torch.jit.is_scripting():
                 logger.info(
@@ -167,7 +209,10 @@ class PRINRPipeline(nn.Module):
         stage2 = _to_volume(torch.cat(refined), batch)
         if not torch.jit.is_scripting():
             started = time.perf_counter()
-        stage3 = self.volume(stage2, scale).clamp_min(0)
+        clean: torch.Tensor | None = None
+        if self.slab_consistency:
+            clean = declared_clean(acceleration, motion, batch, image.device)
+        stage3 = self.volume(stage2, scale, clean).clamp_min(0)
         if not torch.jit.is_scripting():
             logger.info(
                 "stage 3 (voxel INR): %s voxels, %.1f s",

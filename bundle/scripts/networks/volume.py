@@ -8,6 +8,7 @@ import torch
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
+from ..transforms.thick_slice import boxcar_slab_weights
 from .implicit import OffsetDecoder, channels_last_table, decode_in_chunks, linear_neighbours
 from .inputs import check_scale, check_volume
 
@@ -59,6 +60,27 @@ def cubic_weights(t: torch.Tensor) -> torch.Tensor:
             0.5 * (t3 - t2),
         )
     )
+
+
+def slab_consistent(volume: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """``volume`` corrected so that averaging it over each slab of ``stack`` gives ``stack`` back exactly.
+
+    ``volume`` ``(B, 1, H, W, n)`` lies on the :func:`output_positions` grid of ``stack``
+    ``(B, 1, H, W, S)``, whose voxels tile the slabs. With ``A`` the slab averaging ``(S, n)`` and
+    ``U`` Catmull-Rom interpolation from the slices to the grid ``(n, S)``, the correction is
+    ``U (A U)^-1 (stack - A volume)``: smooth along the slice axis, and zero where the volume
+    already averages to the slices, so only the detail within each slab is left to the volume.
+    ``A U`` is a small, diagonally dominant ``(S, S)`` matrix, solved in float64.
+    """
+    num_slices, size = stack.shape[-1], volume.shape[-1]
+    scale = size / num_slices
+    average = boxcar_slab_weights(num_slices, size, scale).to(volume.device)
+    low, _, fraction = linear_neighbours(output_positions(num_slices, scale, volume.device), num_slices)
+    taps = torch.nn.functional.one_hot(cubic_neighbours(low, num_slices), num_slices).to(average.dtype)
+    interpolate = (cubic_weights(fraction)[..., None] * taps).sum(dim=0)  # (n, S)
+    correction = torch.linalg.solve((average @ interpolate).T, interpolate.T)  # (S, n) = ((A U)^-1)^T U^T
+    residual = stack - volume @ average.T.to(volume.dtype)
+    return volume + residual @ correction.to(volume.dtype)
 
 
 class VoxelContinuousINR(nn.Module):
@@ -137,12 +159,21 @@ class VoxelContinuousINR(nn.Module):
 
         return decode_in_chunks(decode, coords, self.chunk_size)
 
-    def forward(self, stack: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(self, stack: torch.Tensor, scale: float, clean: torch.Tensor | None = None) -> torch.Tensor:
         """Isotropic volume ``(B, 1, H, W, round(S * scale))`` at :func:`output_positions` along z.
 
         Equals :meth:`query` at the output voxel centres; on the grid the in-plane sampling is the
         identity, so whole planes of the two neighbouring slices are decoded without lookups.
+        ``clean`` ``(B,)`` marks stacks of measured slices (an acquisition declared clean): their
+        volumes are made :func:`slab_consistent` with them.
         """
+        out = self._decode_grid(stack, scale)
+        if clean is not None and bool(clean.any()):
+            out = torch.where(clean.view(-1, 1, 1, 1, 1), slab_consistent(out, stack), out)
+        return out
+
+    def _decode_grid(self, stack: torch.Tensor, scale: float) -> torch.Tensor:
+        """The network's volume on the :func:`output_positions` grid, before any slab consistency."""
         features = self.encode(stack)
         batch, _, height, width, num_slices = features.shape
         low, _, fraction = linear_neighbours(

@@ -25,14 +25,19 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from ..networks import ImplicitDetailRestoration, MotionAwareDiffusion
+from ..networks import PRINRPipeline
 
 logger = logging.getLogger(__name__)
 
 
+# Raised whenever what a pool item holds changes with the same weights and settings (2: declared-clean
+# samples keep their slices through stages 1 and 2), so that older caches are not reused.
+POOL_FORMAT = 2
+
+
 def cache_key(networks: Sequence[nn.Module], settings: Mapping) -> str:
-    """Hex digest of the networks' weights and the JSON of ``settings``: what a cached pool item depends on."""
-    digest = hashlib.sha256()
+    """Hex digest of the networks' weights, the JSON of ``settings`` and :data:`POOL_FORMAT`: what a pool depends on."""
+    digest = hashlib.sha256(f"pool format {POOL_FORMAT}".encode())
     for network in networks:
         for name, tensor in sorted(network.state_dict().items()):
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
@@ -83,27 +88,24 @@ def _slicewise(function: Callable[..., torch.Tensor], stacks: Sequence[torch.Ten
 
 
 class CoarseSlicesd(MapTransform):
-    """Stage-1 (diffusion) output of the stack ``key`` into ``output_key``, as the pipeline computes it.
+    """Stage-1 output of the stack ``key`` into ``output_key``, by :meth:`PRINRPipeline.coarse_slices` as at inference.
 
     Sampling noise comes from a generator seeded with the item's ``seed``, so the output is fixed.
     """
 
-    def __init__(
-        self, keys: str, network: MotionAwareDiffusion, output_key: str = "coarse", slice_batch: int = 16
-    ) -> None:
+    def __init__(self, keys: str, pipeline: PRINRPipeline, output_key: str = "coarse", slice_batch: int = 16) -> None:
         super().__init__(keys)
-        self.network = network
+        self.pipeline = pipeline
         self.output_key = output_key
         self.slice_batch = slice_batch
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
-        device = next(self.network.parameters()).device
+        device = next(self.pipeline.parameters()).device
         generator = torch.Generator().manual_seed(int(d["seed"]))
 
         def sample(corrupted: torch.Tensor) -> torch.Tensor:
-            coarse = self.network.sample(corrupted.to(device), d["acceleration"], d["motion"], generator)
-            return coarse.clamp_min(0).cpu()
+            return self.pipeline.coarse_slices(corrupted.to(device), d["acceleration"], d["motion"], generator).cpu()
 
         for key in self.key_iterator(d):
             d[self.output_key] = _slicewise(sample, [d[key]], self.slice_batch)
@@ -111,7 +113,7 @@ class CoarseSlicesd(MapTransform):
 
 
 class RefinedSlicesd(MapTransform):
-    """Stage-2 (detail restoration) output of the stack ``key`` into ``output_key``, as the pipeline computes it.
+    """Stage-2 output of the stack ``key`` into ``output_key``, by :meth:`PRINRPipeline.refined_slices` as at inference.
 
     Reads the stage-1 output from ``coarse_key`` and, with ``use_kspace``, the measured ``{key}_kspace`` /
     ``{key}_mask`` for data consistency. Without it the stage sees what inference from images sees
@@ -121,14 +123,14 @@ class RefinedSlicesd(MapTransform):
     def __init__(
         self,
         keys: str,
-        network: ImplicitDetailRestoration,
+        pipeline: PRINRPipeline,
         coarse_key: str = "coarse",
         output_key: str = "refined",
         slice_batch: int = 16,
         use_kspace: bool = True,
     ) -> None:
         super().__init__(keys)
-        self.network = network
+        self.pipeline = pipeline
         self.coarse_key = coarse_key
         self.output_key = output_key
         self.slice_batch = slice_batch
@@ -136,15 +138,15 @@ class RefinedSlicesd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
-        device = next(self.network.parameters()).device
+        device = next(self.pipeline.parameters()).device
 
         @torch.no_grad()
         def refine(corrupted: torch.Tensor, coarse: torch.Tensor, *measured: torch.Tensor) -> torch.Tensor:
             kspace, mask = (m.to(device) for m in measured) if measured else (None, None)
-            refined = self.network(
+            refined = self.pipeline.refined_slices(
                 corrupted.to(device), coarse.to(device), d["acceleration"], d["motion"], kspace, mask
             )
-            return refined.clamp_min(0).cpu()
+            return refined.cpu()
 
         for key in self.key_iterator(d):
             stacks = [d[key], d[self.coarse_key]]

@@ -17,6 +17,7 @@ from monai.transforms import LoadImage, MapTransform, Randomizable, Transform
 from monai.utils import convert_to_tensor
 
 from ..inference import NIFTI_SUFFIXES, CheckScand
+from ..networks.inputs import declared_clean
 from ..networks.volume import output_size
 
 SPLIT_FOLDERS = {"training": "train", "validation": "val"}
@@ -65,8 +66,9 @@ def load_datalist(datalist: str | os.PathLike | None, dataset_dir: str | os.Path
 class AcquisitionParametersd(MapTransform):
     """Copy the simulated ``scale``, ``motion`` and nominal ``acceleration`` of ``key`` to top-level entries.
 
-    The networks take them as inputs, and plain entries survive batching and on-disk caching, where
-    the image's metadata does not.
+    Also ``clean``: whether that acquisition counts as declared clean (R = 1, no motion; see
+    :func:`scripts.networks.inputs.declared_clean`). The networks take them as inputs, and plain
+    entries survive batching and on-disk caching, where the image's metadata does not.
     """
 
     def __init__(self, keys: KeysCollection = "image") -> None:
@@ -80,6 +82,7 @@ class AcquisitionParametersd(MapTransform):
             if missing:
                 raise ValueError(f"'{key}' has no simulated {missing} in meta['acquisition']; simulate it first.")
             d.update({name: float(acquisition[name]) for name in ACQUISITION_KEYS})
+            d["clean"] = bool(declared_clean(d["acceleration"], d["motion"], 1, torch.device("cpu"))[0])
         return d
 
 

@@ -112,6 +112,9 @@ class RandSimulateAcquisition(Randomizable, Transform):
         still_prob: probability of no motion at all. A uniform draw from ``motion_range`` almost
             never gives exactly 0, yet a still patient is the common case, and a network that never
             sees one learns to alter clean slices.
+        clean_prob: probability of a fully clean acquisition (no motion, R = 1), whose slices the
+            networks take as measurements; stage 3 is then the only stage at work, and its
+            training needs a good share of them.
         params: the fixed :class:`AcquisitionParameters` (slice axis, profile, segments, ...).
     """
 
@@ -123,11 +126,14 @@ class RandSimulateAcquisition(Randomizable, Transform):
         motion_range: Sequence[float] = (0.0, 0.06),
         accelerations: Sequence[float] = (1, 2, 4, 8),
         still_prob: float = 0.0,
+        clean_prob: float = 0.0,
         **params,
     ) -> None:
-        if not 0.0 <= still_prob <= 1.0:
-            raise ValueError(f"still_prob must be a probability in [0, 1], got {still_prob}.")
+        for name, prob in (("still_prob", still_prob), ("clean_prob", clean_prob)):
+            if not 0.0 <= prob <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {prob}.")
         self.still_prob = float(still_prob)
+        self.clean_prob = float(clean_prob)
         self.scale_range = tuple(check_scale(s) for s in scale_range)
         self.motion_range = tuple(check_severity(m, "motion_range") for m in motion_range)
         self.accelerations = tuple(check_acceleration(a) for a in accelerations)
@@ -149,6 +155,8 @@ class RandSimulateAcquisition(Randomizable, Transform):
         # drawn only when enabled, so that configs without it keep their random stream
         if self.still_prob > 0 and self.R.random_sample() < self.still_prob:
             self.params = replace(self.params, motion=0.0)
+        if self.clean_prob > 0 and self.R.random_sample() < self.clean_prob:
+            self.params = replace(self.params, motion=0.0, acceleration=1.0)
 
     def __call__(self, img, randomize: bool = True) -> MetaTensor:
         if randomize:
@@ -207,12 +215,15 @@ class RandSimulateAcquisitiond(DelegatingRandomizabled):
         motion_range: Sequence[float] = (0.0, 0.06),
         accelerations: Sequence[float] = (1, 2, 4, 8),
         still_prob: float = 0.0,
+        clean_prob: float = 0.0,
         keep_thick: bool = False,
         allow_missing_keys: bool = False,
         **params,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
-        self.transform = RandSimulateAcquisition(scale_range, motion_range, accelerations, still_prob, **params)
+        self.transform = RandSimulateAcquisition(
+            scale_range, motion_range, accelerations, still_prob, clean_prob, **params
+        )
         self.keep_thick = keep_thick
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:

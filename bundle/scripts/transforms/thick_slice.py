@@ -49,16 +49,26 @@ def slab_weights(n_fine: int, scale: float, profile: str = "boxcar") -> torch.Te
             f"the slice axis has {n_fine} voxels, fewer than one slab of thickness scale={scale}; "
             "expected at least `scale` voxels along the slice axis."
         )
+    if profile == "boxcar":
+        return boxcar_slab_weights(n_thick, n_fine, scale)
     k = torch.arange(n_thick, dtype=torch.float64)[:, None]
     i = torch.arange(n_fine, dtype=torch.float64)[None, :]
-    if profile == "boxcar":
-        lo, hi = k * scale - 0.5, (k + 1) * scale - 0.5
-        weights = (torch.minimum(hi, i + 0.5) - torch.maximum(lo, i - 0.5)).clamp(min=0.0)
-    else:
-        centre = (k + 0.5) * scale - 0.5
-        sigma = scale / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-        cdf = lambda x: 0.5 * (1.0 + torch.erf(x / (sigma * math.sqrt(2.0))))  # noqa: E731
-        weights = cdf(i + 0.5 - centre) - cdf(i - 0.5 - centre)
+    centre = (k + 0.5) * scale - 0.5
+    sigma = scale / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    cdf = lambda x: 0.5 * (1.0 + torch.erf(x / (sigma * math.sqrt(2.0))))  # noqa: E731
+    weights = cdf(i + 0.5 - centre) - cdf(i - 0.5 - centre)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def boxcar_slab_weights(n_thick: int, n_fine: int, scale: float) -> torch.Tensor:
+    """Boxcar weights ``(n_thick, n_fine)``: each fine voxel's overlap with slab ``k`` (``[k, k + 1) * scale``).
+
+    Rows sum to 1. TorchScript-compatible: stage 3's slab consistency in the exported pipeline uses it.
+    """
+    k = torch.arange(n_thick, dtype=torch.float64)[:, None]
+    i = torch.arange(n_fine, dtype=torch.float64)[None, :]
+    lo, hi = k * scale - 0.5, (k + 1) * scale - 0.5
+    weights = (torch.minimum(hi, i + 0.5) - torch.maximum(lo, i - 0.5)).clamp(min=0.0)
     return weights / weights.sum(dim=1, keepdim=True)
 
 
