@@ -54,8 +54,6 @@ class PRINRPipeline(nn.Module):
         slice_batch: slices processed together by stages 1 and 2.
         use_diffusion: run stage 1; when False the corrupted slice is stage 2's coarse input
             (the "stage 2 + 3 without stage 1" ablation).
-        slab_consistency: make stage 3's volume reproduce the measured slices of an acquisition
-            declared clean (see below).
 
     **Declared-clean acquisitions.** A volume given with ``acceleration`` 1 and ``motion`` 0 has
     slices that are measurements of the thick slices, not corrupted estimates of them. Stages 1
@@ -76,7 +74,6 @@ class PRINRPipeline(nn.Module):
         volume: VoxelContinuousINR | dict[str, Any] | None = None,
         slice_batch: int = 8,
         use_diffusion: bool = True,
-        slab_consistency: bool = True,
     ) -> None:
         super().__init__()
         if slice_batch < 1:
@@ -86,7 +83,6 @@ class PRINRPipeline(nn.Module):
         self.volume = _stage(VoxelContinuousINR, volume)
         self.slice_batch = slice_batch
         self.use_diffusion = use_diffusion
-        self.slab_consistency = slab_consistency
 
     def __prepare_scriptable__(self) -> PRINRPipeline:
         """What ``torch.jit.script`` compiles: a shallow copy whose stages TorchScript then prepares in turn.
@@ -209,10 +205,7 @@ class PRINRPipeline(nn.Module):
         stage2 = _to_volume(torch.cat(refined), batch)
         if not torch.jit.is_scripting():
             started = time.perf_counter()
-        clean: torch.Tensor | None = None
-        if self.slab_consistency:
-            clean = declared_clean(acceleration, motion, batch, image.device)
-        stage3 = self.volume(stage2, scale, clean).clamp_min(0)
+        stage3 = self.volume(stage2, scale, declared_clean(acceleration, motion, batch, image.device)).clamp_min(0)
         if not torch.jit.is_scripting():
             logger.info(
                 "stage 3 (voxel INR): %s voxels, %.1f s",

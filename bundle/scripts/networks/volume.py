@@ -95,6 +95,11 @@ class VoxelContinuousINR(nn.Module):
     blended with linear weights: an untrained decoder already gives a cubic interpolation, about
     as good as the B-spline baseline, and training only learns the correction.
 
+    The encoder also sees whether the stack holds measured slices (``clean``: an acquisition
+    declared clean) or stage-2 estimates of them. The two call for different corrections: sharp
+    detail within each slab of a measurement, against not amplifying the errors of an estimate.
+    The volume of a clean stack is then made :func:`slab_consistent` with it.
+
     Args:
         encoder_channels: width of the encoder's hidden layers.
         num_res_units: residual units (two convolutions each) between the encoder's first and last conv.
@@ -103,30 +108,61 @@ class VoxelContinuousINR(nn.Module):
         num_frequencies: Fourier frequencies of the slice offset.
         chunk_size: query points decoded at once (at least one output plane on the grid); bounds
             the decoder's memory for any output size.
+        slab_consistency: make the grid output of clean stacks :func:`slab_consistent` (off only
+            for ablations).
+        encoder_tile_voxels: the encoder runs on slabs of about this many input voxels along H
+            (with a halo of its receptive field, so the result is the same), which bounds the
+            memory of its 32-channel intermediates on large scans.
     """
 
     def __init__(
         self,
-        encoder_channels: int = 16,
-        num_res_units: int = 1,
+        encoder_channels: int = 32,
+        num_res_units: int = 2,
         hidden_features: int = 32,
         num_hidden_layers: int = 2,
         num_frequencies: int = 4,
         chunk_size: int = 65536,
+        slab_consistency: bool = True,
+        encoder_tile_voxels: int = 2**21,
     ) -> None:
         super().__init__()
         self.chunk_size = chunk_size
+        self.slab_consistency = slab_consistency
+        self.encoder_tile_voxels = encoder_tile_voxels
+        self.feature_channels = hidden_features
+        self.encoder_halo = 2 + 2 * num_res_units  # 3x3x3 convolutions in a row: one voxel each
         self.encoder = nn.Sequential(
-            Convolution(3, 1, encoder_channels, norm=None),
+            Convolution(3, 2, encoder_channels, norm=None),
             *(ResidualUnit(3, encoder_channels, encoder_channels, norm=None) for _ in range(num_res_units)),
             Convolution(3, encoder_channels, hidden_features, conv_only=True),
         )
         self.decoder = OffsetDecoder(1, hidden_features, num_hidden_layers, num_frequencies)
 
-    def encode(self, stack: torch.Tensor) -> torch.Tensor:
-        """Features ``(B, 1 + C, H, W, S)`` of ``stack``; channel 0 is the stack itself (the interpolation base)."""
+    def encode(self, stack: torch.Tensor, clean: torch.Tensor | None = None) -> torch.Tensor:
+        """Features ``(B, 1 + C, H, W, S)`` of ``stack``; channel 0 is the stack itself (the interpolation base).
+
+        ``clean`` ``(B,)`` (default: none) marks stacks of measured slices; the encoder sees it as a
+        constant second channel.
+        """
         check_volume(stack, "stack")
-        return channels_last_table(stack, self.encoder(stack))
+        flag = torch.zeros_like(stack)
+        if clean is not None:
+            flag = clean.to(stack.dtype).view(-1, 1, 1, 1, 1).expand_as(stack)
+        return channels_last_table(stack, self._encode_in_tiles(torch.cat((stack, flag), dim=1)))
+
+    def _encode_in_tiles(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``self.encoder(inputs)``, computed on slabs along H with a halo and written into one output."""
+        batch, _, height, width, num_slices = inputs.shape
+        rows = max(1, self.encoder_tile_voxels // (batch * width * num_slices))
+        if rows >= height:
+            return self.encoder(inputs)
+        out = inputs.new_empty([batch, self.feature_channels, height, width, num_slices])
+        for start in range(0, height, rows):
+            stop = min(start + rows, height)
+            low, high = max(0, start - self.encoder_halo), min(height, stop + self.encoder_halo)
+            out[:, :, start:stop] = self.encoder(inputs[:, :, low:high])[:, :, start - low : stop - low]
+        return out
 
     def query(self, features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """Intensities ``(B, Q)`` at continuous voxel coordinates ``coords`` ``(B, Q, 3)`` = (h, w, z).
@@ -164,17 +200,17 @@ class VoxelContinuousINR(nn.Module):
 
         Equals :meth:`query` at the output voxel centres; on the grid the in-plane sampling is the
         identity, so whole planes of the two neighbouring slices are decoded without lookups.
-        ``clean`` ``(B,)`` marks stacks of measured slices (an acquisition declared clean): their
-        volumes are made :func:`slab_consistent` with them.
+        ``clean`` ``(B,)`` marks stacks of measured slices (an acquisition declared clean): the
+        encoder sees it, and their volumes are made :func:`slab_consistent` with them.
         """
-        out = self._decode_grid(stack, scale)
-        if clean is not None and bool(clean.any()):
+        out = self._decode_grid(stack, scale, clean)
+        if self.slab_consistency and clean is not None and bool(clean.any()):
             out = torch.where(clean.view(-1, 1, 1, 1, 1), slab_consistent(out, stack), out)
         return out
 
-    def _decode_grid(self, stack: torch.Tensor, scale: float) -> torch.Tensor:
+    def _decode_grid(self, stack: torch.Tensor, scale: float, clean: torch.Tensor | None) -> torch.Tensor:
         """The network's volume on the :func:`output_positions` grid, before any slab consistency."""
-        features = self.encode(stack)
+        features = self.encode(stack, clean)
         batch, _, height, width, num_slices = features.shape
         low, _, fraction = linear_neighbours(
             output_positions(num_slices, scale, features.device).to(features.dtype), num_slices
