@@ -362,6 +362,7 @@ def test_pipeline_from_bundle_config():
         lambda p: p.diffusion.sample(torch.rand(2, 2, H, W)),
         lambda p: p.detail(torch.rand(2, 1, H, W), torch.rand(2, 1, H, W + 1)),
         lambda p: p.volume(torch.rand(1, H, W, S), 2.0),
+        lambda p: p.volume(torch.rand(2, 1, H, W, S), 2.0, torch.tensor([True])),  # one flag for two stacks
         lambda p: p.volume.query(torch.rand(1, 9, H, W, S), torch.rand(1, 10, 2)),
     ],
 )

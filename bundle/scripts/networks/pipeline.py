@@ -117,8 +117,8 @@ class PRINRPipeline(nn.Module):
         """Stage 1 of slices ``(N, 1, H, W)`` (intensities ~[0, 1]); the slices themselves where stage 1 is skipped.
 
         Skipped without ``use_diffusion`` and for slices of a declared-clean acquisition. Noise comes
-        from ``generator``; it is drawn for the whole batch, so a slice's result does not depend
-        on which of its neighbours are clean.
+        from ``generator``; unless every slice is clean it is drawn for the whole batch, so a slice's
+        result does not depend on which of its neighbours are clean.
         """
         clean = declared_clean(acceleration, motion, corrupted.shape[0], corrupted.device)
         if not self.use_diffusion or bool(clean.all()):

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..transforms.thick_slice import boxcar_slab_weights
 from .implicit import OffsetDecoder, channels_last_table, decode_in_chunks, linear_neighbours
-from .inputs import check_scale, check_volume
+from .inputs import check_scale, check_volume, shape_str
 
 
 def output_size(num_slices: int, scale: float) -> int:
@@ -148,6 +148,10 @@ class VoxelContinuousINR(nn.Module):
         check_volume(stack, "stack")
         flag = torch.zeros_like(stack)
         if clean is not None:
+            if clean.ndim != 1 or clean.shape[0] != stack.shape[0]:
+                raise ValueError(
+                    f"clean must have one entry per stack, shape ({stack.shape[0]},), got {shape_str(clean)}."
+                )
             flag = clean.to(stack.dtype).view(-1, 1, 1, 1, 1).expand_as(stack)
         return channels_last_table(stack, self._encode_in_tiles(torch.cat((stack, flag), dim=1)))
 
