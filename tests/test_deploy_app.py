@@ -271,3 +271,14 @@ def test_existing_result_is_never_replaced(series, app_run, result):
     done = run_app(series, output, "--target-spacing", SPACING)
     assert done.returncode != 0 and "already exists" in done.stderr
     assert folder_digest(result) == before and [p.name for p in output.iterdir()] == [result.name]
+
+
+def test_series_with_a_missing_slice_fails_clearly(series, tmp_path):
+    """The SDK would spread the remaining slices over the series' extent; the app refuses the gap instead."""
+    gapped = tmp_path / "series"
+    shutil.copytree(series, gapped)
+    height = {p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in gapped.iterdir()}
+    middle = sorted(height, key=height.get)[20]  # an axial series: the slice position is its height
+    middle.unlink()
+    done = run_app(gapped, tmp_path / "out", "--target-spacing", SPACING)
+    _assert_fails_cleanly(done, tmp_path / "out", "the slices are not evenly spaced: the step is 4.500 mm but 9.000 mm")

@@ -56,7 +56,7 @@ class PRINRReconstructionApp(Application):
             self, CountCondition(self, 1), input_folder=input_folder, name="dicom_loader"
         )
         selector = MRSeriesSelectorOperator(self, name="mr_series_selector")
-        to_volume = SeriesToVolumeOperator(self, name="series_to_volume")
+        to_volume = SeriesToVolumeOperator(self, bundle_root=bundle_root, name="series_to_volume")
         inference = PRINRInferenceOperator(
             self,
             app_context=app_context,

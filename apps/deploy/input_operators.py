@@ -4,7 +4,9 @@ The stock loader skips a file it cannot read with a warning, which would leave a
 and misplace every slice after it; the stock selector passes an empty selection on, which fails
 later with a message about a missing input. Both fail here, before any inference, saying what is
 wrong with the input folder. The stock series-to-volume operator swaps the two in-plane spacings
-in the volume's affine, which misplaces a series whose pixels are not square.
+in the volume's affine, which misplaces a series whose pixels are not square, and builds the affine
+from the first and last slice alone, which misplaces the slices of a series with a missing slice:
+here the series must be evenly spaced (the bundle's own check, :mod:`scripts.dicom_series`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from monai.deploy.core.domain.dicom_series_selection import StudySelectedSeries
 from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator, DICOMSeriesToVolumeOperator
+from monai.deploy.operators.monai_bundle_inference_operator import _ensure_bundle_in_sys_path
 from pydicom import dcmread
 
 logger = logging.getLogger(__name__)
@@ -107,13 +110,24 @@ class MRSeriesSelectorOperator(DICOMSeriesSelectorOperator):
 
 
 class SeriesToVolumeOperator(DICOMSeriesToVolumeOperator):
-    """The SDK's series-to-volume operator with each in-plane spacing on its own axis.
+    """The SDK's series-to-volume operator with each in-plane spacing on its own axis, for evenly spaced series.
 
     Voxel axis 0 runs along a row (the first ImageOrientationPatient triplet), one column apart:
     its step is PixelSpacing[1]. The SDK scales it by PixelSpacing[0] (and axis 1 by PixelSpacing[1]).
+    ``bundle_root`` is the bundle whose ``scripts.dicom_series`` checks the slice positions.
     """
 
+    def __init__(self, fragment, *args, bundle_root: Path, **kwargs):
+        self.bundle_root = Path(bundle_root)
+        super().__init__(fragment, *args, **kwargs)
+
     def compute_affine_transform(self, s_1, s_n, n, series):
+        _ensure_bundle_in_sys_path(self.bundle_root)
+        from scripts.dicom_series import check_even_spacing, slice_positions
+
+        source = f"series {series.SeriesInstanceUID}"
+        datasets = [instance.get_native_sop_instance() for instance in series.get_sop_instances()]
+        check_even_spacing(slice_positions(datasets, source), source)
         super().compute_affine_transform(s_1, s_n, n, series)
         row_spacing, column_spacing = (float(v) for v in s_1["PixelSpacing"].value)
         for name in (self.ATTRIBUTE_DICOM_AFFINE, self.ATTRIBUTE_NIFTI_AFFINE):

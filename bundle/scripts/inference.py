@@ -26,6 +26,7 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform, Spacing
 from monai.utils import ImageMetaKey
 
+from .dicom_series import check_series_folder
 from .flags import as_bool
 from .networks.volume import output_size
 
@@ -49,7 +50,10 @@ def output_path(image_path: str | os.PathLike, output_dir: str | os.PathLike) ->
 
 
 def find_scans(input_image: str | os.PathLike) -> list[dict[str, str]]:
-    """Datalist for ``input_image``: a NIfTI file, a folder of NIfTI files, or one DICOM series folder."""
+    """Datalist for ``input_image``: a NIfTI file, a folder of NIfTI files, or one DICOM series folder.
+
+    A DICOM folder must hold one evenly spaced series (:func:`scripts.dicom_series.check_series_folder`).
+    """
     path = Path(input_image).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -73,6 +77,7 @@ def find_scans(input_image: str | os.PathLike) -> list[dict[str, str]]:
             f"input_image folder '{path}' holds {len(not_dicom)} file(s) that are not DICOM "
             f"(e.g. '{not_dicom[0]}'); expected one DICOM series or NIfTI files."
         )
+    check_series_folder(path, files)
     return [{"image": str(path)}]
 
 
