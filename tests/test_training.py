@@ -18,6 +18,7 @@ from monai.data import MetaTensor
 
 from scripts.networks import MotionAwareDiffusion, PRINRPipeline, VoxelContinuousINR
 from scripts.training import (
+    CosineDecayLR,
     CropToOutputd,
     FixedRandomd,
     KeysPrepareBatch,
@@ -216,6 +217,27 @@ def test_as_bool_reads_cli_strings():
         as_bool("maybe", "resume")
 
 
+def test_cosine_schedule_resumes_with_a_new_length():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    schedule = CosineDecayLR(optimizer, max_epochs=2)
+    rates = []
+    for _ in range(3):
+        optimizer.step()
+        schedule.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates == pytest.approx([0.5, 0.0, 0.0])  # 0 from max_epochs on, never back up
+
+    resumed_optimizer = torch.optim.SGD([weight], lr=1.0)
+    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    resumed = CosineDecayLR(resumed_optimizer, max_epochs=4)
+    resumed.load_state_dict(schedule.state_dict())
+    assert resumed.max_epochs == 4
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + np.cos(np.pi * 3 / 4)))
+    with pytest.raises(ValueError, match="max_epochs must be >= 1"):
+        CosineDecayLR(optimizer, max_epochs=0)
+
+
 # --- the bundle CLI ------------------------------------------------------------------------------
 
 
@@ -237,6 +259,9 @@ def test_stage1_trains_validates_and_resumes(dataset, tmp_path):
     state = torch.load(latest_checkpoint(tmp_path / "stage1" / "checkpoints"), map_location="cpu", weights_only=True)
     assert state["trainer"]["iteration"] == 3  # one iteration per epoch: continued from 1
     assert all(s["step"] == 3 for s in state["optimizer"]["state"].values())  # optimizer state carried on
+    # the cosine follows the new length: after epoch 2 of 3 the rate is a quarter of the base rate (2e-4);
+    # the old length (1 epoch) would have sent it back up to the full rate
+    assert "Current learning rate: 5.000000000000002e-05" in resumed.stdout + resumed.stderr
 
 
 @pytest.mark.slow

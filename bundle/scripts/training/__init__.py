@@ -27,11 +27,13 @@ from .data import (
 from .engines import DiffusionIteration, DiffusionTrainingLoss, KeysPrepareBatch, PipelineInferer
 from .handlers import ExportStageWeights
 from .progressive import run_progressive
+from .schedule import CosineDecayLR
 from .weights import initial_weights, latest_checkpoint, load_stage, resume_checkpoint, write_stage
 
 __all__ = [
     "AcquisitionParametersd",
     "CoarseSlicesd",
+    "CosineDecayLR",
     "CropToOutputd",
     "DiffusionIteration",
     "DiffusionTrainingLoss",
