@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
 from scripts.networks import MotionAwareDiffusion, PRINRPipeline, VoxelContinuousINR
@@ -25,6 +26,7 @@ from scripts.training import (
     RandSliceSamplesd,
     as_bool,
     cache_key,
+    kspace_dropout_prob,
     latest_checkpoint,
     load_datalist,
     pool_datalist,
@@ -236,6 +238,21 @@ def test_cosine_schedule_resumes_with_a_new_length():
     assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + np.cos(np.pi * 3 / 4)))
     with pytest.raises(ValueError, match="max_epochs must be >= 1"):
         CosineDecayLR(optimizer, max_epochs=0)
+
+
+def test_kspace_dropout_refuses_augmented_kspace_samples():
+    assert kspace_dropout_prob(1.0, 0.5) == 1.0  # images only: augmentations are safe
+    assert kspace_dropout_prob(0.5, 0.0) == 0.5
+    with pytest.raises(ValueError, match="set augment_prob 0 to train with k-space"):
+        kspace_dropout_prob(0.5, 0.5)
+    with pytest.raises(ValueError, match=r"kspace_dropout must be a probability in \[0, 1\]"):
+        kspace_dropout_prob(1.5, 0.0)
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_DIR / "configs" / "train_stage2.json"))
+    parser["kspace_dropout"] = 0.5
+    with pytest.raises(RuntimeError) as failed:  # the config applies the check; MONAI chains its error
+        parser.get_parsed_content("train#slicing")
+    assert isinstance(failed.value.__cause__, ValueError) and "set augment_prob 0" in str(failed.value.__cause__)
 
 
 # --- the bundle CLI ------------------------------------------------------------------------------

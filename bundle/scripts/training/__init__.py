@@ -22,6 +22,7 @@ from .data import (
     FixedRandomd,
     RandSliceSamplesd,
     check_volume_file,
+    kspace_dropout_prob,
     load_datalist,
 )
 from .engines import DiffusionIteration, DiffusionTrainingLoss, KeysPrepareBatch, PipelineInferer
@@ -48,6 +49,7 @@ __all__ = [
     "check_volume_file",
     "fill_cache",
     "initial_weights",
+    "kspace_dropout_prob",
     "latest_checkpoint",
     "load_datalist",
     "load_stage",

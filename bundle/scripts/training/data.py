@@ -63,6 +63,24 @@ def load_datalist(datalist: str | os.PathLike | None, dataset_dir: str | os.Path
     return items
 
 
+def kspace_dropout_prob(kspace_dropout: float, augment_prob: float) -> float:
+    """``kspace_dropout`` (the probability that stage 2 trains without the measured k-space), checked.
+
+    The slice augmentations (flips, rotations, intensity scaling) move and rescale the image, not
+    its k-space, so samples that keep their k-space must not be augmented.
+    """
+    kspace_dropout, augment_prob = float(kspace_dropout), float(augment_prob)
+    if not 0.0 <= kspace_dropout <= 1.0:
+        raise ValueError(f"kspace_dropout must be a probability in [0, 1], got {kspace_dropout}.")
+    if kspace_dropout < 1.0 and augment_prob > 0.0:
+        raise ValueError(
+            f"kspace_dropout {kspace_dropout} keeps the measured k-space for some samples, but augment_prob "
+            f"{augment_prob} flips, rotates and rescales their images and not their k-space; set augment_prob 0 "
+            "to train with k-space, or kspace_dropout 1 (images only, like NIfTI and DICOM scans)."
+        )
+    return kspace_dropout
+
+
 class AcquisitionParametersd(MapTransform):
     """Copy the simulated ``scale``, ``motion`` and nominal ``acceleration`` of ``key`` to top-level entries.
 
