@@ -228,6 +228,25 @@ def test_volume_queries_match_grid(chunk_size):
         torch.testing.assert_close(net.query(features, at_slice).view(2, 1, H, W), grid[..., 5 * k + 2])
 
 
+@pytest.mark.parametrize("scale", [5.0, 2.3])  # 2.3: 11.5 output voxels rounded to 12, the grid is not symmetric
+def test_volume_in_eval_mode_averages_the_two_slice_orders(scale):
+    net = VoxelContinuousINR(**TINY_VOLUME)
+    stack = torch.rand(2, 1, H, W, S)
+    with torch.no_grad():
+        single = net(stack, scale)  # training mode: one reading
+        ensemble = net.eval()(stack, scale)
+        depth = ensemble.shape[-1]
+        z = output_positions(S, scale).float()
+        hw = pixel_centres(1)[0].repeat_interleave(depth, 0)
+        forward = torch.cat((hw, z.repeat(H * W)[:, None]), dim=1).expand(2, -1, -1)
+        mirrored = torch.cat((hw, (S - 1 - z).repeat(H * W)[:, None]), dim=1).expand(2, -1, -1)
+        readings = net.query(net.encode(stack), forward) + net.query(net.encode(stack.flip(-1)), mirrored)
+    torch.testing.assert_close(ensemble, (readings / 2).view(ensemble.shape))
+    assert not torch.allclose(ensemble, single)
+    net.slice_order_ensemble = False
+    torch.testing.assert_close(net(stack, scale), single)
+
+
 @pytest.mark.parametrize("scale", [5.0, 2.5])
 def test_pipeline_shapes(scale):
     pipeline = tiny_pipeline()

@@ -110,6 +110,10 @@ class VoxelContinuousINR(nn.Module):
             the decoder's memory for any output size.
         slab_consistency: make the grid output of clean stacks :func:`slab_consistent` (off only
             for ablations).
+        slice_order_ensemble: in eval mode, average the grid output with the one decoded from the
+            stack in reverse slice order (at the mirrored positions, so on the same grid). The
+            network is not symmetric in slice order, and the mean of the two readings is closer to
+            the truth, for twice stage 3's cost. Training decodes one reading.
         encoder_tile_voxels: the encoder runs on slabs of about this many input voxels along H
             (with a halo of its receptive field, so the result is the same), which bounds the
             memory of its 32-channel intermediates on large scans.
@@ -125,10 +129,12 @@ class VoxelContinuousINR(nn.Module):
         chunk_size: int = 65536,
         slab_consistency: bool = True,
         encoder_tile_voxels: int = 2**21,
+        slice_order_ensemble: bool = True,
     ) -> None:
         super().__init__()
         self.chunk_size = chunk_size
         self.slab_consistency = slab_consistency
+        self.slice_order_ensemble = slice_order_ensemble
         self.encoder_tile_voxels = encoder_tile_voxels
         self.feature_channels = hidden_features
         self.encoder_halo = 2 + 2 * num_res_units  # 3x3x3 convolutions in a row: one voxel each
@@ -202,23 +208,26 @@ class VoxelContinuousINR(nn.Module):
     def forward(self, stack: torch.Tensor, scale: float, clean: torch.Tensor | None = None) -> torch.Tensor:
         """Isotropic volume ``(B, 1, H, W, round(S * scale))`` at :func:`output_positions` along z.
 
-        Equals :meth:`query` at the output voxel centres; on the grid the in-plane sampling is the
-        identity, so whole planes of the two neighbouring slices are decoded without lookups.
+        One reading equals :meth:`query` at the output voxel centres; on the grid the in-plane
+        sampling is the identity, so whole planes of the two neighbouring slices are decoded without
+        lookups. In eval mode the ``slice_order_ensemble`` averages two readings.
         ``clean`` ``(B,)`` marks stacks of measured slices (an acquisition declared clean): the
         encoder sees it, and their volumes are made :func:`slab_consistent` with them.
         """
-        out = self._decode_grid(stack, scale, clean)
+        positions = output_positions(stack.shape[-1], scale, stack.device).to(stack.dtype)
+        out = self._decode_at(stack, positions, clean)
+        if self.slice_order_ensemble and not self.training:
+            reverse = self._decode_at(stack.flip([-1]), (stack.shape[-1] - 1) - positions, clean)
+            out = (out + reverse) / 2
         if self.slab_consistency and clean is not None and bool(clean.any()):
             out = torch.where(clean.view(-1, 1, 1, 1, 1), slab_consistent(out, stack), out)
         return out
 
-    def _decode_grid(self, stack: torch.Tensor, scale: float, clean: torch.Tensor | None) -> torch.Tensor:
-        """The network's volume on the :func:`output_positions` grid, before any slab consistency."""
+    def _decode_at(self, stack: torch.Tensor, positions: torch.Tensor, clean: torch.Tensor | None) -> torch.Tensor:
+        """The network's volume ``(B, 1, H, W, n)`` at the slice-axis ``positions`` ``(n,)``, on the in-plane grid."""
         features = self.encode(stack, clean)
         batch, _, height, width, num_slices = features.shape
-        low, _, fraction = linear_neighbours(
-            output_positions(num_slices, scale, features.device).to(features.dtype), num_slices
-        )
+        low, _, fraction = linear_neighbours(positions, num_slices)
         nearest = cubic_neighbours(low, num_slices)  # (4, n)
         voxels = features.movedim(1, -1)  # (B, H, W, S, 1 + C), a view of the channels-last storage
         out = features.new_empty([batch, height, width, low.numel()])
