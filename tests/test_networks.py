@@ -228,6 +228,21 @@ def test_volume_queries_match_grid(chunk_size):
         torch.testing.assert_close(net.query(features, at_slice).view(2, 1, H, W), grid[..., 5 * k + 2])
 
 
+def test_volume_reads_the_acquisition_it_is_given():
+    """Stage 3 sees (R, motion) as two encoder channels; without the maps it has two channels only."""
+    net = VoxelContinuousINR(**TINY_VOLUME)
+    assert net.encoder[0].conv.in_channels == 4
+    torch.nn.init.normal_(net.encoder[0].conv.weight)  # make the maps count
+    stack = torch.rand(2, 1, H, W, S)
+    mild = net(stack, 2.0, None, 2.0, 0.01)
+    severe = net(stack, 2.0, None, torch.tensor([2.0, 8.0]), torch.tensor([0.01, 0.05]))
+    torch.testing.assert_close(severe[0], mild[0])  # per volume
+    assert not torch.allclose(severe[1], mild[1])
+    with pytest.raises(ValueError, match="acceleration must be >= 1"):
+        net(stack, 2.0, None, 0.5, 0.0)
+    assert VoxelContinuousINR(**TINY_VOLUME, use_degradation_maps=False).encoder[0].conv.in_channels == 2
+
+
 @pytest.mark.parametrize("scale", [5.0, 2.3])  # 2.3: 11.5 output voxels rounded to 12, the grid is not symmetric
 def test_volume_in_eval_mode_averages_the_two_slice_orders(scale):
     net = VoxelContinuousINR(**TINY_VOLUME)

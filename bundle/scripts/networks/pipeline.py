@@ -205,7 +205,8 @@ class PRINRPipeline(nn.Module):
         stage2 = _to_volume(torch.cat(refined), batch)
         if not torch.jit.is_scripting():
             started = time.perf_counter()
-        stage3 = self.volume(stage2, scale, declared_clean(acceleration, motion, batch, image.device)).clamp_min(0)
+        clean = declared_clean(acceleration, motion, batch, image.device)
+        stage3 = self.volume(stage2, scale, clean, acceleration, motion).clamp_min(0)
         if not torch.jit.is_scripting():
             logger.info(
                 "stage 3 (voxel INR): %s voxels, %.1f s",

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..transforms.thick_slice import boxcar_slab_weights
 from .implicit import OffsetDecoder, channels_last_table, decode_in_chunks, linear_neighbours
-from .inputs import check_scale, check_volume, shape_str
+from .inputs import acquisition_code, check_scale, check_volume, shape_str
 
 
 def output_size(num_slices: int, scale: float) -> int:
@@ -95,9 +95,11 @@ class VoxelContinuousINR(nn.Module):
     blended with linear weights: an untrained decoder already gives a cubic interpolation, about
     as good as the B-spline baseline, and training only learns the correction.
 
-    The encoder also sees whether the stack holds measured slices (``clean``: an acquisition
-    declared clean) or stage-2 estimates of them. The two call for different corrections: sharp
-    detail within each slab of a measurement, against not amplifying the errors of an estimate.
+    The encoder also sees the acquisition's (R, motion) as two constant maps (as stages 1 and 2
+    do), so it can trust stage 2's estimates less where the acquisition was worse, and whether the
+    stack holds measured slices (``clean``: an acquisition declared clean) or stage-2 estimates of
+    them. The two call for different corrections: sharp detail within each slab of a measurement,
+    against not amplifying the errors of an estimate.
     The volume of a clean stack is then made :func:`slab_consistent` with it.
 
     Args:
@@ -114,6 +116,8 @@ class VoxelContinuousINR(nn.Module):
             stack in reverse slice order (at the mirrored positions, so on the same grid). The
             network is not symmetric in slice order, and the mean of the two readings is closer to
             the truth, for twice stage 3's cost. Training decodes one reading.
+        use_degradation_maps: give the encoder the (acceleration, motion) code of
+            :func:`scripts.networks.inputs.acquisition_code` as two constant channels.
         encoder_tile_voxels: the encoder runs on slabs of about this many input voxels along H
             (with a halo of its receptive field, so the result is the same), which bounds the
             memory of its 32-channel intermediates on large scans.
@@ -130,26 +134,35 @@ class VoxelContinuousINR(nn.Module):
         slab_consistency: bool = True,
         encoder_tile_voxels: int = 2**21,
         slice_order_ensemble: bool = True,
+        use_degradation_maps: bool = True,
     ) -> None:
         super().__init__()
         self.chunk_size = chunk_size
         self.slab_consistency = slab_consistency
         self.slice_order_ensemble = slice_order_ensemble
+        self.use_degradation_maps = use_degradation_maps
         self.encoder_tile_voxels = encoder_tile_voxels
         self.feature_channels = hidden_features
         self.encoder_halo = 2 + 2 * num_res_units  # 3x3x3 convolutions in a row: one voxel each
         self.encoder = nn.Sequential(
-            Convolution(3, 2, encoder_channels, norm=None),
+            Convolution(3, 4 if use_degradation_maps else 2, encoder_channels, norm=None),
             *(ResidualUnit(3, encoder_channels, encoder_channels, norm=None) for _ in range(num_res_units)),
             Convolution(3, encoder_channels, hidden_features, conv_only=True),
         )
         self.decoder = OffsetDecoder(1, hidden_features, num_hidden_layers, num_frequencies)
 
-    def encode(self, stack: torch.Tensor, clean: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        stack: torch.Tensor,
+        clean: torch.Tensor | None = None,
+        acceleration: float | torch.Tensor = 1.0,
+        motion: float | torch.Tensor = 0.0,
+    ) -> torch.Tensor:
         """Features ``(B, 1 + C, H, W, S)`` of ``stack``; channel 0 is the stack itself (the interpolation base).
 
         ``clean`` ``(B,)`` (default: none) marks stacks of measured slices; the encoder sees it as a
-        constant second channel.
+        constant second channel, and (with ``use_degradation_maps``) the acquisition code of
+        ``acceleration`` and ``motion`` as two more.
         """
         check_volume(stack, "stack")
         flag = torch.zeros_like(stack)
@@ -159,7 +172,11 @@ class VoxelContinuousINR(nn.Module):
                     f"clean must have one entry per stack, shape ({stack.shape[0]},), got {shape_str(clean)}."
                 )
             flag = clean.to(stack.dtype).view(-1, 1, 1, 1, 1).expand_as(stack)
-        return channels_last_table(stack, self._encode_in_tiles(torch.cat((stack, flag), dim=1)))
+        inputs = [stack, flag]
+        if self.use_degradation_maps:
+            code = acquisition_code(acceleration, motion, stack.shape[0], stack.device).to(stack.dtype)
+            inputs.append(code[:, :, None, None, None].expand(-1, -1, *stack.shape[2:]))
+        return channels_last_table(stack, self._encode_in_tiles(torch.cat(inputs, dim=1)))
 
     def _encode_in_tiles(self, inputs: torch.Tensor) -> torch.Tensor:
         """``self.encoder(inputs)``, computed on slabs along H with a halo and written into one output."""
@@ -205,7 +222,14 @@ class VoxelContinuousINR(nn.Module):
 
         return decode_in_chunks(decode, coords, self.chunk_size)
 
-    def forward(self, stack: torch.Tensor, scale: float, clean: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        stack: torch.Tensor,
+        scale: float,
+        clean: torch.Tensor | None = None,
+        acceleration: float | torch.Tensor = 1.0,
+        motion: float | torch.Tensor = 0.0,
+    ) -> torch.Tensor:
         """Isotropic volume ``(B, 1, H, W, round(S * scale))`` at :func:`output_positions` along z.
 
         One reading equals :meth:`query` at the output voxel centres; on the grid the in-plane
@@ -213,19 +237,27 @@ class VoxelContinuousINR(nn.Module):
         lookups. In eval mode the ``slice_order_ensemble`` averages two readings.
         ``clean`` ``(B,)`` marks stacks of measured slices (an acquisition declared clean): the
         encoder sees it, and their volumes are made :func:`slab_consistent` with them.
+        ``acceleration`` and ``motion`` (scalars or ``(B,)``) describe the acquisition.
         """
         positions = output_positions(stack.shape[-1], scale, stack.device).to(stack.dtype)
-        out = self._decode_at(stack, positions, clean)
+        out = self._decode_at(stack, positions, clean, acceleration, motion)
         if self.slice_order_ensemble and not self.training:
-            reverse = self._decode_at(stack.flip([-1]), (stack.shape[-1] - 1) - positions, clean)
+            reverse = self._decode_at(stack.flip([-1]), (stack.shape[-1] - 1) - positions, clean, acceleration, motion)
             out = (out + reverse) / 2
         if self.slab_consistency and clean is not None and bool(clean.any()):
             out = torch.where(clean.view(-1, 1, 1, 1, 1), slab_consistent(out, stack), out)
         return out
 
-    def _decode_at(self, stack: torch.Tensor, positions: torch.Tensor, clean: torch.Tensor | None) -> torch.Tensor:
+    def _decode_at(
+        self,
+        stack: torch.Tensor,
+        positions: torch.Tensor,
+        clean: torch.Tensor | None,
+        acceleration: float | torch.Tensor,
+        motion: float | torch.Tensor,
+    ) -> torch.Tensor:
         """The network's volume ``(B, 1, H, W, n)`` at the slice-axis ``positions`` ``(n,)``, on the in-plane grid."""
-        features = self.encode(stack, clean)
+        features = self.encode(stack, clean, acceleration, motion)
         batch, _, height, width, num_slices = features.shape
         low, _, fraction = linear_neighbours(positions, num_slices)
         nearest = cubic_neighbours(low, num_slices)  # (4, n)
