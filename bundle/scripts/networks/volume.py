@@ -175,7 +175,7 @@ class VoxelContinuousINR(nn.Module):
         inputs = [stack, flag]
         if self.use_degradation_maps:
             code = acquisition_code(acceleration, motion, stack.shape[0], stack.device).to(stack.dtype)
-            inputs.append(code[:, :, None, None, None].expand(-1, -1, *stack.shape[2:]))
+            inputs.append(code[:, :, None, None, None].expand(-1, -1, stack.shape[2], stack.shape[3], stack.shape[4]))
         return channels_last_table(stack, self._encode_in_tiles(torch.cat(inputs, dim=1)))
 
     def _encode_in_tiles(self, inputs: torch.Tensor) -> torch.Tensor:
