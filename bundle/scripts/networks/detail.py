@@ -10,7 +10,7 @@ from torch import nn
 
 from ..kspace import data_consistency
 from .implicit import OffsetDecoder, channels_last_table, decode_in_chunks, linear_neighbours
-from .inputs import acquisition_code, check_kspace, check_slices, shape_str
+from .inputs import acquisition_code, check_kspace, check_slices, constant_maps, shape_str
 from .padding import crop_to, pad_to_multiple
 
 
@@ -100,8 +100,8 @@ class ImplicitDetailRestoration(nn.Module):
             )
         check_kspace(corrupted, kspace, mask)
         code = acquisition_code(acceleration, motion, corrupted.shape[0], corrupted.device).to(corrupted.dtype)
-        maps = code[:, :, None, None].expand(-1, -1, corrupted.shape[-2], corrupted.shape[-1])
-        inputs = torch.cat((corrupted, coarse, self.consistency_channel(coarse, kspace, mask), maps), dim=1)
+        consistency = self.consistency_channel(coarse, kspace, mask)
+        inputs = torch.cat((corrupted, coarse, consistency, constant_maps(code, corrupted)), dim=1)
         size = (corrupted.shape[-2], corrupted.shape[-1])
         encoded = crop_to(self.encoder(pad_to_multiple(inputs, self.downsample_factor)), size)
         base = torch.lerp(coarse, corrupted, torch.sigmoid(encoded[:, :1]))

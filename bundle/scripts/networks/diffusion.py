@@ -13,7 +13,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from .inputs import acquisition_code, check_slices
+from .inputs import acquisition_code, check_slices, constant_maps
 from .padding import crop_to, pad_to_multiple
 from .scriptable import scriptable_diffusion_unet
 
@@ -165,9 +165,8 @@ class MotionAwareDiffusion(nn.Module):
         """Condition channels for model-space ``corrupted`` slices: the slice and, optionally, degradation maps."""
         if not self.use_degradation_maps:
             return corrupted
-        code = acquisition_code(acceleration, motion, corrupted.shape[0], corrupted.device).to(corrupted.dtype)
-        maps = code[:, :, None, None].expand(-1, -1, corrupted.shape[-2], corrupted.shape[-1])
-        return torch.cat((corrupted, maps), dim=1)
+        code = acquisition_code(acceleration, motion, corrupted.shape[0], corrupted.device)
+        return torch.cat((corrupted, constant_maps(code, corrupted)), dim=1)
 
     def training_loss(
         self,

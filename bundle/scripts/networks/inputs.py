@@ -120,3 +120,13 @@ def acquisition_code(
         )
     log2_max = torch.log2(torch.tensor(acceleration_max, dtype=torch.float64)).item()  # 3.0 exactly for 8
     return torch.stack((torch.log2(acceleration) / log2_max, motion / motion_max), dim=1)
+
+
+def constant_maps(code: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``(batch, C)`` code as ``C`` constant channels over the spatial grid of ``like`` (2D or 3D).
+
+    This is how every stage feeds :func:`acquisition_code` to a convolutional encoder.
+    """
+    shape = [code.shape[0], code.shape[1]] + [1] * (like.dim() - 2)
+    size = [-1, -1] + list(like.shape[2:])
+    return code.to(like.dtype).view(shape).expand(size)

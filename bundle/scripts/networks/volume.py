@@ -10,7 +10,7 @@ from torch import nn
 
 from ..transforms.thick_slice import boxcar_slab_weights
 from .implicit import OffsetDecoder, channels_last_table, decode_in_chunks, linear_neighbours
-from .inputs import acquisition_code, check_scale, check_volume, shape_str
+from .inputs import acquisition_code, check_scale, check_volume, constant_maps, shape_str
 
 
 def output_size(num_slices: int, scale: float) -> int:
@@ -174,8 +174,8 @@ class VoxelContinuousINR(nn.Module):
             flag = clean.to(stack.dtype).view(-1, 1, 1, 1, 1).expand_as(stack)
         inputs = [stack, flag]
         if self.use_degradation_maps:
-            code = acquisition_code(acceleration, motion, stack.shape[0], stack.device).to(stack.dtype)
-            inputs.append(code[:, :, None, None, None].expand(-1, -1, stack.shape[2], stack.shape[3], stack.shape[4]))
+            code = acquisition_code(acceleration, motion, stack.shape[0], stack.device)
+            inputs.append(constant_maps(code, stack))
         return channels_last_table(stack, self._encode_in_tiles(torch.cat(inputs, dim=1)))
 
     def _encode_in_tiles(self, inputs: torch.Tensor) -> torch.Tensor:
