@@ -164,6 +164,19 @@ class VoxelContinuousINR(nn.Module):
         constant second channel, and (with ``use_degradation_maps``) the acquisition code of
         ``acceleration`` and ``motion`` as two more.
         """
+        return self._encode(stack, self.conditions(stack, clean, acceleration, motion))
+
+    def conditions(
+        self,
+        stack: torch.Tensor,
+        clean: torch.Tensor | None,
+        acceleration: float | torch.Tensor,
+        motion: float | torch.Tensor,
+    ) -> torch.Tensor:
+        """The encoder's constant input channels for ``stack``: the clean flag and, optionally, the (R, motion) maps.
+
+        Constant over the grid, so they serve the stack in either slice order.
+        """
         check_volume(stack, "stack")
         flag = torch.zeros_like(stack)
         if clean is not None:
@@ -172,11 +185,14 @@ class VoxelContinuousINR(nn.Module):
                     f"clean must have one entry per stack, shape ({stack.shape[0]},), got {shape_str(clean)}."
                 )
             flag = clean.to(stack.dtype).view(-1, 1, 1, 1, 1).expand_as(stack)
-        inputs = [stack, flag]
-        if self.use_degradation_maps:
-            code = acquisition_code(acceleration, motion, stack.shape[0], stack.device)
-            inputs.append(constant_maps(code, stack))
-        return channels_last_table(stack, self._encode_in_tiles(torch.cat(inputs, dim=1)))
+        if not self.use_degradation_maps:
+            return flag
+        code = acquisition_code(acceleration, motion, stack.shape[0], stack.device)
+        return torch.cat((flag, constant_maps(code, stack)), dim=1)
+
+    def _encode(self, stack: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode` with the :meth:`conditions` already built."""
+        return channels_last_table(stack, self._encode_in_tiles(torch.cat((stack, conditions), dim=1)))
 
     def _encode_in_tiles(self, inputs: torch.Tensor) -> torch.Tensor:
         """``self.encoder(inputs)``, computed on slabs along H with a halo and written into one output."""
@@ -240,24 +256,18 @@ class VoxelContinuousINR(nn.Module):
         ``acceleration`` and ``motion`` (scalars or ``(B,)``) describe the acquisition.
         """
         positions = output_positions(stack.shape[-1], scale, stack.device).to(stack.dtype)
-        out = self._decode_at(stack, positions, clean, acceleration, motion)
+        conditions = self.conditions(stack, clean, acceleration, motion)
+        out = self._decode_at(stack, positions, conditions)
         if self.slice_order_ensemble and not self.training:
-            reverse = self._decode_at(stack.flip([-1]), (stack.shape[-1] - 1) - positions, clean, acceleration, motion)
+            reverse = self._decode_at(stack.flip([-1]), (stack.shape[-1] - 1) - positions, conditions)
             out = (out + reverse) / 2
         if self.slab_consistency and clean is not None and bool(clean.any()):
             out = torch.where(clean.view(-1, 1, 1, 1, 1), slab_consistent(out, stack), out)
         return out
 
-    def _decode_at(
-        self,
-        stack: torch.Tensor,
-        positions: torch.Tensor,
-        clean: torch.Tensor | None,
-        acceleration: float | torch.Tensor,
-        motion: float | torch.Tensor,
-    ) -> torch.Tensor:
+    def _decode_at(self, stack: torch.Tensor, positions: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """The network's volume ``(B, 1, H, W, n)`` at the slice-axis ``positions`` ``(n,)``, on the in-plane grid."""
-        features = self.encode(stack, clean, acceleration, motion)
+        features = self._encode(stack, conditions)
         batch, _, height, width, num_slices = features.shape
         low, _, fraction = linear_neighbours(positions, num_slices)
         nearest = cubic_neighbours(low, num_slices)  # (4, n)
