@@ -26,9 +26,11 @@ from scripts.training import (
     RandSliceSamplesd,
     as_bool,
     cache_key,
+    initial_weights,
     kspace_dropout_prob,
     latest_checkpoint,
     load_datalist,
+    load_stage,
     pool_datalist,
     resume_checkpoint,
     write_stage,
@@ -366,3 +368,23 @@ def test_finetune_starts_from_the_shipped_stage_weights(tmp_path):
     tuned = initial_weights(MotionAwareDiffusion(), model_path, "diffusion", "true")
     assert all(torch.equal(v, shipped.diffusion.state_dict()[k]) for k, v in tuned.state_dict().items())
     assert tuned.training and all(p.requires_grad for p in tuned.parameters())
+
+
+def test_finetune_adds_zero_weights_for_new_conditioning_channels(tmp_path):
+    """Stage-3 weights saved without the (R, motion) maps fine-tune into the network that has them, unchanged."""
+    torch.manual_seed(3)
+    saved = VoxelContinuousINR(encoder_channels=8, num_res_units=1, hidden_features=8, use_degradation_maps=False)
+    model_path = tmp_path / "model.pt"
+    torch.save({f"volume.{k}": v for k, v in saved.state_dict().items()}, model_path)
+    grown = initial_weights(
+        VoxelContinuousINR(encoder_channels=8, num_res_units=1, hidden_features=8), model_path, "volume", True
+    )
+    first = grown.encoder[0].conv.weight
+    assert first.shape[1] == 4 and torch.equal(first[:, :2], saved.encoder[0].conv.weight)
+    assert not first[:, 2:].any()
+    stack = torch.rand(1, 1, 12, 10, 4)
+    with torch.no_grad():
+        expected = saved.eval()(stack, 2.0)
+        assert torch.allclose(grown.eval()(stack, 2.0, acceleration=8.0, motion=0.05), expected, atol=1e-6)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # an inference load stays strict
+        load_stage(model_path, "volume", VoxelContinuousINR(encoder_channels=8, num_res_units=1, hidden_features=8))

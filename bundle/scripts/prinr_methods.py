@@ -69,7 +69,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,18 @@ class _Options:
     use_kspace: bool = False
 
 
+# how configure() stores each given option
+_OPTION_TYPES = {
+    "checkpoint": str,
+    "config_file": str,
+    "device": str,
+    "network": lambda network: network,
+    "seed": int,
+    "cache": bool,
+    "cache_size": int,
+    "use_kspace": bool,
+}
+
 _options = _Options()
 _network: torch.nn.Module | None = None
 _cache: OrderedDict[str, _Result] = OrderedDict()
@@ -156,26 +168,20 @@ def configure(
     Arguments left as None keep their current value.
     """
     global _network, _options
-    if reset:
-        _options = _Options()
-    if checkpoint is not None:
-        _options.checkpoint = str(checkpoint)
-    if config_file is not None:
-        _options.config_file = str(config_file)
-    if device is not None:
-        _options.device = str(device)
-    if network is not None:
-        _options.network = network
-    if seed is not None:
-        _options.seed = int(seed)
-    if cache is not None:
-        _options.cache = bool(cache)
-    if use_kspace is not None:
-        _options.use_kspace = bool(use_kspace)
-    if cache_size is not None:
-        if int(cache_size) < 1:
-            raise ValueError(f"cache_size must be >= 1, got {cache_size}.")
-        _options.cache_size = int(cache_size)
+    if cache_size is not None and int(cache_size) < 1:
+        raise ValueError(f"cache_size must be >= 1, got {cache_size}.")
+    given = {
+        "checkpoint": checkpoint,
+        "config_file": config_file,
+        "device": device,
+        "network": network,
+        "seed": seed,
+        "cache": cache,
+        "cache_size": cache_size,
+        "use_kspace": use_kspace,
+    }
+    updates = {name: _OPTION_TYPES[name](value) for name, value in given.items() if value is not None}
+    _options = replace(_Options() if reset else _options, **updates)
     _network = None
     clear_cache()
     _ledger.clear()

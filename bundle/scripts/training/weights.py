@@ -64,23 +64,58 @@ def resume_checkpoint(ckpt_dir: str | os.PathLike, resume: bool | str) -> str | 
     )
 
 
-def load_stage(model_path: str | os.PathLike, stage: str, network: nn.Module, device="cpu") -> nn.Module:
-    """``network`` with the ``stage`` weights of the pipeline state dict ``model_path``, frozen, in eval mode."""
+def _stage_state(model_path: str | os.PathLike, stage: str) -> dict[str, torch.Tensor]:
+    """The ``stage`` weights of the pipeline state dict ``model_path``, without the stage prefix."""
     prefix = f"{_check_stage(stage)}."
     if not os.path.isfile(model_path):
         raise FileNotFoundError(
             f"'{model_path}' not found: the {stage} stage must be trained first (its training config writes it)."
         )
     state = torch.load(model_path, map_location="cpu", weights_only=True)
-    network.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_stage(model_path: str | os.PathLike, stage: str, network: nn.Module, device="cpu") -> nn.Module:
+    """``network`` with the ``stage`` weights of the pipeline state dict ``model_path``, frozen, in eval mode."""
+    network.load_state_dict(_stage_state(model_path, stage))
     return network.to(device).eval().requires_grad_(False)
 
 
+def with_new_input_channels(state: dict[str, torch.Tensor], network: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` with zero weights for the input channels ``network`` gained since it was saved.
+
+    A convolution whose saved kernel has fewer input channels (dim 1) than ``network``'s and is
+    otherwise the same shape gets zeros for the missing ones. Conditioning channels are appended
+    after the image channels, so the network then computes exactly what the saved one did, and
+    fine-tuning teaches it to use the new inputs (how stage 3 gained its (R, motion) maps).
+    """
+    current = network.state_dict()
+    grown = dict(state)
+    for name, saved in state.items():
+        target = current.get(name)
+        if target is None or target.ndim < 3 or saved.shape == target.shape:
+            continue
+        if (
+            saved.shape[0] == target.shape[0]
+            and saved.shape[2:] == target.shape[2:]
+            and saved.shape[1] < target.shape[1]
+        ):
+            extra = saved.new_zeros((saved.shape[0], target.shape[1] - saved.shape[1], *saved.shape[2:]))
+            grown[name] = torch.cat((saved, extra), dim=1)
+            logger.warning("%s: %d input channels added with zero weights", name, extra.shape[1])
+    return grown
+
+
 def initial_weights(network: nn.Module, model_path: str | os.PathLike, stage: str, finetune: bool | str) -> nn.Module:
-    """The stage network to train: fresh, or with ``finetune`` starting from the ``stage`` weights in ``model_path``."""
+    """The stage network to train: fresh, or with ``finetune`` starting from the ``stage`` weights in ``model_path``.
+
+    Fine-tuning accepts weights saved before the network gained input channels (see
+    :func:`with_new_input_channels`).
+    """
     if not as_bool(finetune, "finetune"):
         return network
-    return load_stage(model_path, stage, network).train().requires_grad_(True)
+    network.load_state_dict(with_new_input_channels(_stage_state(model_path, stage), network))
+    return network.train().requires_grad_(True)
 
 
 def write_stage(model_path: str | os.PathLike, stage: str, network: nn.Module) -> None:
