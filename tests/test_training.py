@@ -50,6 +50,7 @@ TINY = {
     "progress_bar": False,
     "sampling#patch_size": [32, 32, 32],
     "sampling#crop_margin": 4,
+    "crop_size": [24, 24],  # stage 3's training window, drawn from its 32x32 in-plane pool patches
     "validation_setting#scale": 4.0,
 }
 
@@ -388,3 +389,21 @@ def test_finetune_adds_zero_weights_for_new_conditioning_channels(tmp_path):
         assert torch.allclose(grown.eval()(stack, 2.0, acceleration=8.0, motion=0.05), expected, atol=1e-6)
     with pytest.raises(RuntimeError, match="size mismatch"):  # an inference load stays strict
         load_stage(model_path, "volume", VoxelContinuousINR(encoder_channels=8, num_res_units=1, hidden_features=8))
+
+
+def test_rand_in_plane_crop_takes_one_window_from_stacks_of_any_depth():
+    from scripts.training import RandInPlaneCropd
+
+    affine = torch.diag(torch.tensor([1.0, 1.0, 5.0, 1.0]))
+    stack = MetaTensor(torch.arange(20 * 16 * 3, dtype=torch.float32).reshape(1, 20, 16, 3), affine=affine)
+    fine = MetaTensor(torch.arange(20 * 16 * 15, dtype=torch.float32).reshape(1, 20, 16, 15))
+    crop = RandInPlaneCropd(["stack", "fine"], (8, 6)).set_random_state(seed=4)
+    out = crop({"stack": stack, "fine": fine, "scale": 5.0})
+    assert out["stack"].shape == (1, 8, 6, 3) and out["fine"].shape == (1, 8, 6, 15) and out["scale"] == 5.0
+    h, w = (int(v) for v in torch.nonzero(stack[0, :, :, 0] == out["stack"][0, 0, 0, 0])[0])
+    assert torch.equal(out["fine"], fine[:, h : h + 8, w : w + 6])  # the same window from both
+    assert torch.allclose(out["stack"].affine[:3, 3], torch.tensor([h, w, 0.0], dtype=torch.float64))
+    starts = {tuple(crop({"stack": stack, "fine": fine})["stack"][0, 0, 0, :1].tolist()) for _ in range(20)}
+    assert len(starts) > 1  # a new window per draw
+    with pytest.raises(ValueError, match="at least"):
+        RandInPlaneCropd(["stack"], (32, 6))({"stack": stack})

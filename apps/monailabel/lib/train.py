@@ -49,7 +49,7 @@ STAGE_OVERRIDES = {
     "save_interval": 1,
     "progress_bar": False,
     "sampling#scale_range": [1.0, 1.0],
-    "sampling#patch_size": [96, 96, 16],
+    "sampling#patch_size": [160, 160, 16],
     "sampling#crop_margin": 0,
     "sampling#rotate_range": 0.0,
     "sampling#zoom_range": 0.0,

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor, load_decathlon_datalist
-from monai.transforms import LoadImage, MapTransform, Randomizable, Transform
+from monai.transforms import LoadImage, MapTransform, Randomizable, SpatialCrop, Transform
 from monai.utils import convert_to_tensor
 
 from ..inference import NIFTI_SUFFIXES, CheckScand
@@ -123,6 +123,42 @@ class CropToOutputd(MapTransform):
             if d[key].shape[-1] < size:
                 raise ValueError(f"'{key}' has {d[key].shape[-1]} slices, fewer than the {size} of the output grid.")
             d[key] = d[key][..., :size]
+        return d
+
+
+class RandInPlaneCropd(Randomizable, MapTransform):
+    """Crop the same random in-plane window ``roi_size`` (first two spatial axes) from every key, all slices kept.
+
+    Stage 3's pool simulates each acquisition on a whole-head field of view, as a scan is, since
+    motion ghosts move by a fraction of the field of view; this draws a training window from it.
+    The keys may differ along the slice axis (the thick stack and the fine target).
+    """
+
+    def __init__(self, keys: KeysCollection, roi_size: tuple[int, int]) -> None:
+        MapTransform.__init__(self, keys)
+        self.roi_size = tuple(int(size) for size in roi_size)
+        if len(self.roi_size) != 2 or min(self.roi_size) < 1:
+            raise ValueError(f"roi_size must be two positive in-plane sizes, got {roi_size}.")
+        self._start: tuple[int, int] = (0, 0)
+
+    def randomize(self, in_plane: tuple[int, int]) -> None:
+        self._start = tuple(
+            int(self.R.randint(0, size - roi + 1)) for size, roi in zip(in_plane, self.roi_size, strict=True)
+        )
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        shapes = {key: tuple(d[key].shape[1:3]) for key in self.key_iterator(d)}
+        if len(set(shapes.values())) != 1 or any(
+            s < r for s, r in zip(next(iter(shapes.values())), self.roi_size, strict=True)
+        ):
+            raise ValueError(f"keys need one in-plane size of at least {self.roi_size}, got {shapes}.")
+        self.randomize(next(iter(shapes.values())))
+        crop = SpatialCrop(
+            roi_slices=[slice(start, start + size) for start, size in zip(self._start, self.roi_size, strict=True)]
+        )
+        for key in shapes:
+            d[key] = crop(d[key])
         return d
 
 
