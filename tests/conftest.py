@@ -1,8 +1,10 @@
 """Make the bundle's Python package importable as ``scripts`` and locate the shared data."""
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -34,3 +36,12 @@ def app_python(name: str) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return python
+
+
+def load_repository_script(name: str) -> ModuleType:
+    """Import ``scripts/<name>.py`` of the repository (not a package: the bundle's ``scripts`` shadows it)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

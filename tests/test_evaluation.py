@@ -4,7 +4,6 @@ The shipped model is untrained: these tests check geometry and plumbing, not qua
 """
 
 import csv
-import importlib.util
 import math
 import os
 import subprocess
@@ -15,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import load_repository_script
 from monai.data import MetaTensor
 
 import scripts.prinr_methods as pm
@@ -326,15 +326,8 @@ apart along axis 2, in-plane (512, 512) at 0.41 mm -> 439 slices
 """
 
 
-def load_benchmark_module():
-    spec = importlib.util.spec_from_file_location("benchmark_cli", REPO_ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_speed_log_parsing():
-    benchmark = load_benchmark_module()
+    benchmark = load_repository_script("benchmark")
     parsed = benchmark.parse_speed_log(SPEED_LOG)
     first, second = parsed["scans"]
     assert first["name"] == "icbm152_t1_thick5_motion3_r4.nii.gz" and first["input"] == "160x192x32 @ 1/5 mm"
@@ -350,15 +343,8 @@ def test_speed_log_parsing():
     assert "| embedded sample | 160x192x32 @ 1/5 mm | 160x192x160 | 46.3 | 830 | 128.8 | 71.7 | 200.7 |" in table
 
 
-def load_bars_module():
-    spec = importlib.util.spec_from_file_location("bars_cli", REPO_ROOT / "scripts" / "bars.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bars_average_volumes_and_need_every_stage_above_bspline(tmp_path, monkeypatch):
-    bars = load_bars_module()
+    bars = load_repository_script("bars")
     # PR-INR beats the best baseline by exactly the bars at 3% R4; at 5% R4 stage 1 falls below
     # B-spline, so the ablation must say "no" there although stages 1 -> 2 -> 3 rise.
     psnr = {

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import hashlib
 import http.server
-import importlib.util
 import json
 import os
 import re
@@ -26,6 +25,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import load_repository_script
 
 from scripts.networks import PRINRPipeline
 
@@ -40,15 +40,7 @@ SAMPLE_SETTINGS = {"scale": 5.0, "acceleration": 4.0, "motion": 0.03}
 TORCHSCRIPT_RTOL = 1e-5
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("package_bundle_tool", REPO_ROOT / "scripts" / "package_bundle.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-package_tool = _load_tool()
+package_tool = load_repository_script("package_bundle")
 NAME = package_tool.BUNDLE_NAME
 VERSION = json.loads((BUNDLE_DIR / "configs" / "metadata.json").read_text(encoding="utf-8"))["version"]
 ZIP_NAME = f"{NAME}_v{VERSION}.zip"

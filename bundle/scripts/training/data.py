@@ -131,7 +131,8 @@ class RandInPlaneCropd(Randomizable, MapTransform):
 
     Stage 3's pool simulates each acquisition on a whole-head field of view, as a scan is, since
     motion ghosts move by a fraction of the field of view; this draws a training window from it.
-    The keys may differ along the slice axis (the thick stack and the fine target).
+    The keys may differ along the slice axis (the thick stack and the fine target), which MONAI's
+    ``RandSpatialCropd`` cannot do: it sizes every key's crop from the first key, depth included.
     """
 
     def __init__(self, keys: KeysCollection, roi_size: tuple[int, int]) -> None:
