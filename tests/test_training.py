@@ -39,6 +39,8 @@ from scripts.transforms import RandSimulateAcquisitiond
 
 BUNDLE_DIR = Path(__file__).resolve().parents[1] / "bundle"
 STAGES = ("diffusion", "detail", "volume")
+# a stage config is merged over the common one
+STAGE1_CONFIGS = ["configs/train_common.json", "configs/train_stage1.json"]
 
 # Tiny runs: 32^3 patches, one epoch of one iteration, no workers, validation at the end, scale 4 so that the
 # 48-slice validation volumes keep 12 thick slices (the 3D SSIM window of stage 3 is 11).
@@ -251,7 +253,7 @@ def test_kspace_dropout_refuses_augmented_kspace_samples():
     with pytest.raises(ValueError, match=r"kspace_dropout must be a probability in \[0, 1\]"):
         kspace_dropout_prob(1.5, 0.0)
     parser = ConfigParser()
-    parser.read_config(str(BUNDLE_DIR / "configs" / "train_stage2.json"))
+    parser.read_config([str(BUNDLE_DIR / "configs" / name) for name in ("train_common.json", "train_stage2.json")])
     parser["kspace_dropout"] = 0.5
     with pytest.raises(RuntimeError) as failed:  # the config applies the check; MONAI chains its error
         parser.get_parsed_content("train#slicing")
@@ -264,7 +266,7 @@ def test_kspace_dropout_refuses_augmented_kspace_samples():
 @pytest.mark.slow
 def test_stage1_trains_validates_and_resumes(dataset, tmp_path):
     overrides = stage1_overrides(dataset, tmp_path)
-    first = run_bundle(["configs/train_stage1.json"], overrides)
+    first = run_bundle(STAGE1_CONFIGS, overrides)
     assert "val_psnr" in first.stdout and "val_ssim" in first.stdout
     checkpoint = latest_checkpoint(tmp_path / "stage1" / "checkpoints")
     assert trainer_state(checkpoint)["iteration"] == 1  # epoch_length 1
@@ -274,7 +276,7 @@ def test_stage1_trains_validates_and_resumes(dataset, tmp_path):
     for name, value in saved["model"].items():
         torch.testing.assert_close(exported[f"diffusion.{name}"], value)
 
-    resumed = run_bundle(["configs/train_stage1.json"], {**overrides, "max_epochs": 3})
+    resumed = run_bundle(STAGE1_CONFIGS, {**overrides, "max_epochs": 3})
     assert f"Restored all variables from {checkpoint}" in resumed.stdout + resumed.stderr
     state = torch.load(latest_checkpoint(tmp_path / "stage1" / "checkpoints"), map_location="cpu", weights_only=True)
     assert state["trainer"]["iteration"] == 3  # one iteration per epoch: continued from 1
@@ -333,7 +335,7 @@ def test_bad_datalist_fails_at_start_naming_the_file(dataset, tmp_path, bad, mes
     datalist["training"].append({"image": str(bad_file)})
     (tmp_path / "datalist.json").write_text(json.dumps(datalist))
     overrides = stage1_overrides(dataset, tmp_path, datalist=str(tmp_path / "datalist.json"))
-    result = run_bundle(["configs/train_stage1.json"], overrides, check=False)
+    result = run_bundle(STAGE1_CONFIGS, overrides, check=False)
     assert result.returncode != 0
     assert f"'{bad_file}' {message}" in result.stderr
     assert not (tmp_path / "stage1").exists()  # failed before any training output
@@ -343,7 +345,7 @@ def test_bad_datalist_fails_at_start_naming_the_file(dataset, tmp_path, bad, mes
 def test_distributed_stage1_on_two_cpu_processes(dataset, tmp_path):
     overrides = stage1_overrides(dataset, tmp_path, batch_size=2)
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    result = run_bundle(["configs/train_stage1.json", "configs/multi_gpu_train.json"], overrides, launcher)
+    result = run_bundle([*STAGE1_CONFIGS, "configs/multi_gpu_train.json"], overrides, launcher)
     checkpoints = list((tmp_path / "stage1" / "checkpoints").glob("*.pt"))
     assert len(checkpoints) == 1  # written by rank 0 only
     # one iteration per epoch on each rank (3 volumes split over 2 ranks, batch 2)
