@@ -336,7 +336,12 @@ def test_torch_jit_script_of_the_pipeline_matches_eager_and_leaves_it_unchanged(
 
     torch.manual_seed(0)
     diffusion = MotionAwareDiffusion(
-        channels=(8, 16), attention_levels=(True, True), norm_num_groups=8, num_head_channels=8, num_inference_steps=2
+        channels=(8, 16),
+        attention_levels=(True, True),
+        norm_num_groups=8,
+        num_head_channels=8,
+        num_inference_steps=2,
+        num_samples=2,  # the averaging loop is scripted too
     )
     for parameter in diffusion.unet.out.parameters():
         torch.nn.init.normal_(parameter, std=0.1)  # MONAI zero-initialises it; make stage 1 matter

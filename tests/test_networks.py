@@ -81,6 +81,22 @@ def test_diffusion_sampling_is_seeded():
     assert not torch.allclose(first, other)
 
 
+def test_diffusion_averages_independent_chains():
+    single = tiny_diffusion()
+    averaged = MotionAwareDiffusion(**TINY_DIFFUSION, num_samples=3)
+    averaged.load_state_dict(single.state_dict())
+    corrupted = slices()
+    chains = torch.Generator().manual_seed(5)  # the three chains draw their noise from it in turn
+    expected = torch.stack([single.sample(corrupted, 4.0, 0.05, chains) for _ in range(3)]).mean(0)
+    result = averaged.sample(corrupted, 4.0, 0.05, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
+    first_chain = single.sample(corrupted, 4.0, 0.05, torch.Generator().manual_seed(5))
+    assert (result - first_chain).abs().max() > 1e-3  # not one chain
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=f"num_samples must be an integer >= 1, got {bad!r}"):
+            MotionAwareDiffusion(**TINY_DIFFUSION, num_samples=bad)
+
+
 def test_detail_shapes_with_and_without_kspace():
     net = ImplicitDetailRestoration(**TINY_DETAIL)
     corrupted, coarse = slices(), slices()

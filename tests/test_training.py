@@ -179,6 +179,9 @@ def test_cache_key_follows_weights_and_settings():
     key = cache_key([net], {"patch_size": [96, 96, 64]})
     assert key == cache_key([net], {"patch_size": [96, 96, 64]})
     assert key != cache_key([net], {"patch_size": [64, 64, 64]})
+    averaging = MotionAwareDiffusion(channels=(8, 16), num_head_channels=8, num_samples=4)
+    averaging.load_state_dict(net.state_dict())
+    assert key != cache_key([averaging], {"patch_size": [96, 96, 64]})  # same weights, other outputs
     with torch.no_grad():
         next(net.parameters()).add_(1e-3)
     assert key != cache_key([net], {"patch_size": [96, 96, 64]})

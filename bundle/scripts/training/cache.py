@@ -4,8 +4,8 @@ Running the earlier stages on every iteration would dominate training on a CPU, 
 trains on a fixed pool of degraded samples whose earlier-stage outputs are computed once and cached
 by MONAI's ``PersistentDataset``. A cached item is named by a hash of its datalist entry, and
 :func:`pool_datalist` puts into every entry the volume, its degradation seed and
-:func:`cache_key` (the frozen stages' weights and the sampling settings): retraining an earlier
-stage or changing a setting gives new entries instead of stale ones.
+:func:`cache_key` (the frozen stages' weights and settings, and the sampling settings): retraining
+an earlier stage or changing a setting gives new entries instead of stale ones.
 """
 
 from __future__ import annotations
@@ -36,9 +36,14 @@ POOL_FORMAT = 2
 
 
 def cache_key(networks: Sequence[nn.Module], settings: Mapping) -> str:
-    """Hex digest of the networks' weights, the JSON of ``settings`` and :data:`POOL_FORMAT`: what a pool depends on."""
+    """Hex digest of the networks' weights and reprs, the JSON of ``settings`` and :data:`POOL_FORMAT`.
+
+    That is what a pool depends on; the repr holds settings that are not weights, such as the
+    number of diffusion chains averaged.
+    """
     digest = hashlib.sha256(f"pool format {POOL_FORMAT}".encode())
     for network in networks:
+        digest.update(repr(network).encode())
         for name, tensor in sorted(network.state_dict().items()):
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
             digest.update(tensor.detach().cpu().numpy().tobytes())
