@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_repository_script
+from monai.bundle import ConfigParser
 
 from scripts.networks import PRINRPipeline
 
@@ -69,8 +70,12 @@ def outside_repo(path: Path) -> Path:
 
 
 def eager_network(**kwargs) -> PRINRPipeline:
-    """The source tree's pipeline with the shipped weights, as ``configs/inference.json`` builds it."""
-    network = PRINRPipeline(**kwargs).eval()
+    """The shipped weights in the pipeline ``configs/inference.json`` builds (``kwargs`` set over its network_def)."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_DIR / "configs" / "inference.json"))
+    for key, value in kwargs.items():
+        parser[f"network_def#{key}"] = value
+    network = parser.get_parsed_content("network_def").eval()
     network.load_state_dict(torch.load(BUNDLE_DIR / "models" / "model.pt", weights_only=True))
     return network
 
