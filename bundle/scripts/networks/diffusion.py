@@ -96,9 +96,9 @@ class MotionAwareDiffusion(nn.Module):
             raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}], got {num_inference_steps}.")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
-        self.num_samples = num_samples
         if not 0.0 < start_fraction <= 1.0:
             raise ValueError(f"start_fraction must be in (0, 1], got {start_fraction}.")
+        self.num_samples = num_samples
         self.use_degradation_maps = use_degradation_maps
         self.downsample_factor = 2 ** (len(channels) - 1)
         self.unet = DiffusionModelUNet(
