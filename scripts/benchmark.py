@@ -8,6 +8,7 @@ A thin command line over ``bundle/scripts/protocol.py``; every number it prints 
     python scripts/benchmark.py --methods linear --settings s5_m0_R1
     python scripts/benchmark.py --plugins my_methods     # a module whose import registers more methods
     python scripts/benchmark.py --plugins scripts.prinr_methods --methods bspline prinr prinr_no_diffusion
+    python scripts/benchmark.py --pe-axis 1              # phase encode along the other in-plane axis
 
     python scripts/benchmark.py --speed                  # bundle inference on the embedded sample, end to end
     python scripts/benchmark.py --speed --speed-dicom    # and on the 512x512x40 DICOM series (native spacing)
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="base seed; each (volume, setting) derives its own")
     p.add_argument("--no-figures", action="store_true", help="skip the per-setting PNG figures")
     p.add_argument(
+        "--pe-axis",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        help="phase-encode axis of every setting (default: the protocol's, axis 0); names get '_pe<axis>'",
+    )
+    p.add_argument(
         "--plugins", nargs="+", default=[], help="modules to import first; they register methods with the harness"
     )
     speed = p.add_argument_group("speed (bundle inference end to end, in a fresh process; no protocol run)")
@@ -125,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = PROTOCOL_SETTINGS
     if args.settings:
         settings = tuple(s for s in PROTOCOL_SETTINGS if s.name in args.settings)
+    if args.pe_axis is not None:
+        settings = tuple(replace(s, pe_axis=args.pe_axis) for s in settings)
 
     out_dir: Path = args.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -180,9 +180,10 @@ def test_network_comes_from_the_config_and_any_checkpoint(tmp_path, tiny_acquisi
 
 def test_settings_volumes_and_shards(tmp_path):
     assert parse_settings("all") == parse_settings(None) == PROTOCOL_SETTINGS
-    assert parse_settings(["s5_m0.03_R4", {"motion": 0.0, "acceleration": 2.0, "scale": 3.0}]) == (
+    assert parse_settings(["s5_m0.03_R4", {"motion": 0.0, "acceleration": 2.0, "scale": 3.0}, "s5_m0.05_R8_pe1"]) == (
         Setting(0.03, 4.0),
         Setting(0.0, 2.0, 3.0),
+        Setting(0.05, 8.0, pe_axis=1),
     )
     with pytest.raises(ValueError, match="not a name like"):
         parse_settings(["motion3"])

@@ -10,9 +10,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from scripts.baselines import linear_baseline
-from scripts.protocol import METHODS, PROTOCOL_SETTINGS, Setting, register_method, run_protocol, setting_seed
+from scripts.protocol import (
+    METHODS,
+    PROTOCOL_SETTINGS,
+    Setting,
+    degrade,
+    load_volume,
+    register_method,
+    run_protocol,
+    setting_seed,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +45,19 @@ def test_protocol_settings_and_seeds():
     setting = Setting(0.03, 4.0)
     assert setting.name == "s5_m0.03_R4"
     assert setting_seed("a", setting) == setting_seed("a", setting) != setting_seed("b", setting)
+    other_axis = Setting(0.03, 4.0, pe_axis=1)
+    assert other_axis.name == "s5_m0.03_R4_pe1" and setting_seed("a", other_axis) != setting_seed("a", setting)
+
+
+def test_degrade_encodes_phase_along_the_setting_axis(tiny_volume):
+    volume = load_volume(tiny_volume)
+    for pe_axis, readout_axis in ((None, 1), (0, 1), (1, 0)):
+        _, acquisition = degrade(volume, Setting(0.0, 4.0, pe_axis=pe_axis), seed=3)
+        mask = acquisition["mask"].to(torch.float32)
+        assert acquisition["pe_axis"] == 1 - readout_axis
+        # whole phase-encode lines are kept or dropped: the mask is constant along read-out
+        assert torch.equal(mask, mask.amax(dim=readout_axis + 1, keepdim=True).expand_as(mask))
+        assert not torch.equal(mask, mask.amax(dim=2 - readout_axis, keepdim=True).expand_as(mask))
 
 
 def test_registry_rejects_duplicates_and_bad_names():

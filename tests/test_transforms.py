@@ -320,6 +320,36 @@ def test_clean_prob_gives_fully_sampled_motion_free_acquisitions():
     assert out.meta["acquisition"]["acceleration"] == 1.0 and out.meta["acquisition"]["motion"] == 0.0
 
 
+def test_random_pe_axis_draws_both_in_plane_axes_without_changing_other_draws():
+    img = phantom(shape=(32, 32, 40))
+    ranges = {"scale_range": (2, 8), "motion_range": (0.01, 0.06), "accelerations": (4, 8)}
+    axes = []
+    for seed in range(20):
+        default = RandSimulateAcquisition(**ranges).set_random_state(seed)
+        drawn = RandSimulateAcquisition(**ranges, random_pe_axis=True).set_random_state(seed)
+        default.randomize()
+        drawn.randomize()
+        # the axis draw comes last: scale, motion and acceleration are the default stream's
+        assert (drawn.params.scale, drawn.params.motion, drawn.params.acceleration) == (
+            default.params.scale,
+            default.params.motion,
+            default.params.acceleration,
+        )
+        axes.append(drawn.params.pe_axis)
+    assert set(axes) == {0, 1}  # the two in-plane axes of axial slices, never the slice axis
+    for seed in range(20):
+        transform = RandSimulateAcquisition(**ranges, random_pe_axis=True).set_random_state(seed)
+        out = transform(img)
+        pe_axis = out.meta["acquisition"]["pe_axis"]
+        readout_axis = 1 - pe_axis
+        mask = transform.mask.to(torch.float32)
+        # whole lines are kept or dropped: constant along read-out, varying along phase encode
+        assert torch.equal(mask, mask.amax(dim=readout_axis + 1, keepdim=True).expand_as(mask))
+        assert not torch.equal(mask, mask.amax(dim=pe_axis + 1, keepdim=True).expand_as(mask))
+        as_dict = RandSimulateAcquisitiond("image", **ranges, random_pe_axis=True).set_random_state(seed)
+        assert as_dict({"image": img})["image"].meta["acquisition"]["pe_axis"] == pe_axis
+
+
 # --- array / dictionary equivalence ----------------------------------------------------------
 
 

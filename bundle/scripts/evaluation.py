@@ -52,7 +52,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SUMMARY_METRICS = ("psnr", "ssim", "psnr_head", "ssim_head", "seconds", "peak_rss_mb")
-_SETTING_NAME = re.compile(r"^s(?P<scale>[0-9.]+)_m(?P<motion>[0-9.]+)_R(?P<acceleration>[0-9.]+)$")
+_SETTING_NAME = re.compile(
+    r"^s(?P<scale>[0-9.]+)_m(?P<motion>[0-9.]+)_R(?P<acceleration>[0-9.]+)(?:_pe(?P<pe_axis>[0-9]))?$"
+)
 
 
 def load_volumes(
@@ -118,8 +120,14 @@ def parse_settings(settings: str | Sequence[str | Mapping[str, Any]] | None = No
             continue
         match = _SETTING_NAME.match(str(item))
         if not match:
-            raise ValueError(f"setting {item!r} is not a name like 's5_m0.03_R4' (scale, motion, acceleration).")
-        out.append(Setting(float(match["motion"]), float(match["acceleration"]), float(match["scale"])))
+            raise ValueError(
+                f"setting {item!r} is not a name like 's5_m0.03_R4' (scale, motion, acceleration; "
+                "optionally '_pe1' for the phase-encode axis)."
+            )
+        pe_axis = None if match["pe_axis"] is None else int(match["pe_axis"])
+        out.append(
+            Setting(float(match["motion"]), float(match["acceleration"]), float(match["scale"]), pe_axis=pe_axis)
+        )
     names = [s.name for s in out]
     if len(set(names)) != len(names) or not out:
         raise ValueError(f"settings must be a non-empty list without repeats, got {names}.")

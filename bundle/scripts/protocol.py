@@ -71,11 +71,13 @@ class Setting:
     acceleration: float
     scale: float = SCALE
     slice_axis: int = SLICE_AXIS
+    pe_axis: int | None = None  # None: the acquisition's default, the first in-plane axis
 
     @property
     def name(self) -> str:
-        """Stable identifier used in seeds, tables and file names, e.g. ``s5_m0.03_R4``."""
-        return f"s{self.scale:g}_m{self.motion:g}_R{self.acceleration:g}"
+        """Stable identifier used in seeds, tables and file names, e.g. ``s5_m0.03_R4`` (``..._pe1``)."""
+        name = f"s{self.scale:g}_m{self.motion:g}_R{self.acceleration:g}"
+        return name if self.pe_axis is None else f"{name}_pe{self.pe_axis}"
 
 
 PROTOCOL_SETTINGS: tuple[Setting, ...] = tuple(Setting(m, a) for m in MOTIONS for a in ACCELERATIONS)
@@ -151,6 +153,7 @@ def degrade(volume: MetaTensor, setting: Setting, seed: int) -> tuple[MetaTensor
         motion=setting.motion,
         acceleration=setting.acceleration,
         slice_axis=setting.slice_axis,
+        pe_axis=setting.pe_axis,
         seed=seed,
     )
     degraded = sim(volume)

@@ -21,7 +21,7 @@ from .base import DelegatingRandomizabled
 from .motion import KSPACE_POSTFIX, ORDERINGS, KspaceMotion, check_severity
 from .thick_slice import PROFILES, ThickSliceAcquisition, check_scale
 from .undersampling import MASK_POSTFIX, PATTERNS, KspaceUndersampling, check_acceleration
-from .validation import check_axis, resolve_pe_axis
+from .validation import check_axis, in_plane_axes, resolve_pe_axis
 
 THICK_POSTFIX = "thick"
 
@@ -115,6 +115,10 @@ class RandSimulateAcquisition(Randomizable, Transform):
         clean_prob: probability of a fully clean acquisition (no motion, R = 1), whose slices the
             networks take as measurements; stage 3 is then the only stage at work, and its
             training needs a good share of them.
+        random_pe_axis: draw the phase-encode axis from the two in-plane axes (``pe_axis`` of
+            ``params`` is then ignored). Scanners encode either way, so motion ghosts and aliasing
+            can run along either axis of a slice; a network that only ever sees one loses much of
+            its gain on the other.
         params: the fixed :class:`AcquisitionParameters` (slice axis, profile, segments, ...).
     """
 
@@ -127,6 +131,7 @@ class RandSimulateAcquisition(Randomizable, Transform):
         accelerations: Sequence[float] = (1, 2, 4, 8),
         still_prob: float = 0.0,
         clean_prob: float = 0.0,
+        random_pe_axis: bool = False,
         **params,
     ) -> None:
         for name, prob in (("still_prob", still_prob), ("clean_prob", clean_prob)):
@@ -134,6 +139,7 @@ class RandSimulateAcquisition(Randomizable, Transform):
                 raise ValueError(f"{name} must be a probability in [0, 1], got {prob}.")
         self.still_prob = float(still_prob)
         self.clean_prob = float(clean_prob)
+        self.random_pe_axis = bool(random_pe_axis)
         self.scale_range = tuple(check_scale(s) for s in scale_range)
         self.motion_range = tuple(check_severity(m, "motion_range") for m in motion_range)
         self.accelerations = tuple(check_acceleration(a) for a in accelerations)
@@ -157,6 +163,8 @@ class RandSimulateAcquisition(Randomizable, Transform):
             self.params = replace(self.params, motion=0.0)
         if self.clean_prob > 0 and self.R.random_sample() < self.clean_prob:
             self.params = replace(self.params, motion=0.0, acceleration=1.0)
+        if self.random_pe_axis:
+            self.params = replace(self.params, pe_axis=in_plane_axes(self.base.slice_axis)[self.R.randint(2)])
 
     def __call__(self, img, randomize: bool = True) -> MetaTensor:
         if randomize:
@@ -216,13 +224,14 @@ class RandSimulateAcquisitiond(DelegatingRandomizabled):
         accelerations: Sequence[float] = (1, 2, 4, 8),
         still_prob: float = 0.0,
         clean_prob: float = 0.0,
+        random_pe_axis: bool = False,
         keep_thick: bool = False,
         allow_missing_keys: bool = False,
         **params,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.transform = RandSimulateAcquisition(
-            scale_range, motion_range, accelerations, still_prob, clean_prob, **params
+            scale_range, motion_range, accelerations, still_prob, clean_prob, random_pe_axis, **params
         )
         self.keep_thick = keep_thick
 
