@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor
+from monai.data import MetaTensor, list_data_collate
 from monai.transforms import SpatialResample
 
 from scripts.kspace import fft2c, ifft2c
@@ -337,6 +337,7 @@ def test_random_pe_axis_draws_both_in_plane_axes_without_changing_other_draws():
         )
         axes.append(drawn.params.pe_axis)
     assert set(axes) == {0, 1}  # the two in-plane axes of axial slices, never the slice axis
+    samples = {}
     for seed in range(20):
         transform = RandSimulateAcquisition(**ranges, random_pe_axis=True).set_random_state(seed)
         out = transform(img)
@@ -347,7 +348,14 @@ def test_random_pe_axis_draws_both_in_plane_axes_without_changing_other_draws():
         assert torch.equal(mask, mask.amax(dim=readout_axis + 1, keepdim=True).expand_as(mask))
         assert not torch.equal(mask, mask.amax(dim=pe_axis + 1, keepdim=True).expand_as(mask))
         as_dict = RandSimulateAcquisitiond("image", **ranges, random_pe_axis=True).set_random_state(seed)
-        assert as_dict({"image": img})["image"].meta["acquisition"]["pe_axis"] == pe_axis
+        sample = as_dict({"image": img})
+        assert sample["image"].meta["acquisition"]["pe_axis"] == pe_axis
+        # a stored sample's mask has the k-space's shape, whichever axis was encoded
+        assert sample["image_mask"].shape == sample["image_kspace"].shape
+        assert torch.equal(sample["image_mask"], transform.mask.expand_as(sample["image_mask"]))
+        samples.setdefault(pe_axis, sample)
+    batch = list_data_collate([samples[0], samples[1]])  # the two axes in one training batch
+    assert batch["image_mask"].shape == (2, *samples[0]["image_kspace"].shape)
 
 
 # --- array / dictionary equivalence ----------------------------------------------------------

@@ -175,7 +175,9 @@ class RandSimulateAcquisition(Randomizable, Transform):
 
 def _store_acquisition(d: dict, key: Hashable, transform, keep_thick: bool) -> None:
     d[f"{key}_{KSPACE_POSTFIX}"] = transform.kspace
-    d[f"{key}_{MASK_POSTFIX}"] = transform.mask
+    # the array form keeps the mask broadcastable (singleton read-out axis); a sample is stored with
+    # the k-space's shape, so that samples phase-encoded along different axes collate into a batch
+    d[f"{key}_{MASK_POSTFIX}"] = transform.mask.expand(transform.kspace.shape)
     if keep_thick:
         d[f"{key}_{THICK_POSTFIX}"] = transform.thick
 
