@@ -337,6 +337,8 @@ def test_random_pe_axis_draws_both_in_plane_axes_without_changing_other_draws():
         )
         axes.append(drawn.params.pe_axis)
     assert set(axes) == {0, 1}  # the two in-plane axes of axial slices, never the slice axis
+    # the bundle command line passes `--sampling#random_pe_axis false` as a string
+    assert not RandSimulateAcquisition(random_pe_axis="false").random_pe_axis
     samples = {}
     for seed in range(20):
         transform = RandSimulateAcquisition(**ranges, random_pe_axis=True).set_random_state(seed)
@@ -432,6 +434,7 @@ def test_inputs_are_not_modified():
         (lambda: RandSimulateAcquisition(scale_range=(0.5, 2)), "scale must be >= 1"),
         (lambda: RandSimulateAcquisition(still_prob=1.5), "still_prob must be a probability"),
         (lambda: RandSimulateAcquisition(clean_prob=-0.1), "clean_prob must be a probability"),
+        (lambda: RandSimulateAcquisition(random_pe_axis="sometimes"), "random_pe_axis must be true or false"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(make, message):

@@ -17,6 +17,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, Transform
 from monai.utils import TransformBackends
 
+from ..flags import as_bool
 from .base import DelegatingRandomizabled
 from .motion import KSPACE_POSTFIX, ORDERINGS, KspaceMotion, check_severity
 from .thick_slice import PROFILES, ThickSliceAcquisition, check_scale
@@ -139,7 +140,7 @@ class RandSimulateAcquisition(Randomizable, Transform):
                 raise ValueError(f"{name} must be a probability in [0, 1], got {prob}.")
         self.still_prob = float(still_prob)
         self.clean_prob = float(clean_prob)
-        self.random_pe_axis = bool(random_pe_axis)
+        self.random_pe_axis = as_bool(random_pe_axis, "random_pe_axis")  # the bundle CLI passes 'false' as a string
         self.scale_range = tuple(check_scale(s) for s in scale_range)
         self.motion_range = tuple(check_severity(m, "motion_range") for m in motion_range)
         self.accelerations = tuple(check_acceleration(a) for a in accelerations)
