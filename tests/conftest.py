@@ -7,6 +7,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_DIR = REPO_ROOT / "bundle"
@@ -45,3 +46,14 @@ def load_repository_script(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def assert_whole_phase_encode_lines(mask: torch.Tensor, pe_axis: int) -> None:
+    """A ``(C, X, Y, Z)`` sampling mask of axial slices keeps or drops whole phase-encode lines.
+
+    It is constant along the read-out axis (the other in-plane one) and varies along ``pe_axis``.
+    """
+    mask = mask.to(torch.float32)
+    readout_axis = 1 - pe_axis
+    assert torch.equal(mask, mask.amax(dim=readout_axis + 1, keepdim=True).expand_as(mask))
+    assert not torch.equal(mask, mask.amax(dim=pe_axis + 1, keepdim=True).expand_as(mask))

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_whole_phase_encode_lines
 from monai.data import MetaTensor, list_data_collate
 from monai.transforms import SpatialResample
 
@@ -344,11 +345,7 @@ def test_random_pe_axis_draws_both_in_plane_axes_without_changing_other_draws():
         transform = RandSimulateAcquisition(**ranges, random_pe_axis=True).set_random_state(seed)
         out = transform(img)
         pe_axis = out.meta["acquisition"]["pe_axis"]
-        readout_axis = 1 - pe_axis
-        mask = transform.mask.to(torch.float32)
-        # whole lines are kept or dropped: constant along read-out, varying along phase encode
-        assert torch.equal(mask, mask.amax(dim=readout_axis + 1, keepdim=True).expand_as(mask))
-        assert not torch.equal(mask, mask.amax(dim=pe_axis + 1, keepdim=True).expand_as(mask))
+        assert_whole_phase_encode_lines(transform.mask, pe_axis)
         as_dict = RandSimulateAcquisitiond("image", **ranges, random_pe_axis=True).set_random_state(seed)
         sample = as_dict({"image": img})
         assert sample["image"].meta["acquisition"]["pe_axis"] == pe_axis

@@ -38,6 +38,7 @@ from monai.transforms import Compose, EnsureChannelFirst, EnsureType, LoadImage,
 from scripts.baselines import bspline_baseline, linear_baseline, nearest_on_grid
 from scripts.metrics import evaluate_reconstruction, head_mask
 from scripts.transforms import SimulateAcquisition
+from scripts.transforms.validation import resolve_pe_axis
 
 __all__ = [
     "SCALE",
@@ -72,6 +73,11 @@ class Setting:
     scale: float = SCALE
     slice_axis: int = SLICE_AXIS
     pe_axis: int | None = None  # None: the acquisition's default, the first in-plane axis
+
+    def __post_init__(self) -> None:
+        """Refuse a phase-encode axis that is not in-plane here, not later inside the simulation."""
+        if self.pe_axis is not None:
+            resolve_pe_axis(self.slice_axis, self.pe_axis)
 
     @property
     def name(self) -> str:
