@@ -57,11 +57,13 @@ def test_degrade_encodes_phase_along_the_setting_axis(tiny_volume):
         assert_whole_phase_encode_lines(acquisition["mask"], expected)
 
 
-def test_setting_refuses_a_phase_encode_axis_that_is_not_in_plane():
+def test_setting_refuses_axes_that_are_not_slice_and_in_plane_axes():
     with pytest.raises(ValueError, match="pe_axis .* must be an in-plane axis"):
         Setting(0.03, 4.0, pe_axis=2)
     with pytest.raises(ValueError, match="pe_axis must be a spatial axis"):
         Setting(0.03, 4.0, pe_axis=3)
+    with pytest.raises(ValueError, match="slice_axis must be a spatial axis"):
+        Setting(0.03, 4.0, slice_axis=3)
 
 
 def test_registry_rejects_duplicates_and_bad_names():

@@ -75,9 +75,8 @@ class Setting:
     pe_axis: int | None = None  # None: the acquisition's default, the first in-plane axis
 
     def __post_init__(self) -> None:
-        """Refuse a phase-encode axis that is not in-plane here, not later inside the simulation."""
-        if self.pe_axis is not None:
-            resolve_pe_axis(self.slice_axis, self.pe_axis)
+        """Refuse a slice axis, or a phase-encode axis that is not in-plane, here, not later in the simulation."""
+        resolve_pe_axis(self.slice_axis, self.pe_axis)
 
     @property
     def name(self) -> str:
